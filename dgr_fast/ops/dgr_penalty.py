@@ -1,0 +1,455 @@
+"""The DGR penalty for linear (1x1-convolution) dummy heads: checks, packing, backends and autograd.
+
+DESIGN.md section 4 is the math. Every task's head is stacked into one ``[C, D]`` matrix (``C = sum_k C_k``) and
+the features are read as ``z3 = [B, D, P]`` (rows are ``(b, p)`` pairs; ``[N, D]`` is ``[N, D, 1]``), without a copy
+where the spatial dims are mergeable. Per row ``i`` and column ``c`` of task ``t``:
+
+    s_i = W z_i + b                    r_ic = omega_it * dl/ds_ic          (omega: validity / n_t, folded in)
+    G_W = sum_i r_i z_i^T,  G_b = sum_i r_i,   R_t = ||G_W[t]||^2 + ||G_b[t]||^2
+
+Backward, given ``dR_t`` (``Gt = dR_t * G`` row-scaled per task):
+
+    u_i = 2 (Gt_W z_i + Gt_b),   dz_i = 2 Gt_W^T r_i + W^T (omega_i * H_i u_i)
+
+The backends all take the same packed arguments:
+
+- ``Y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
+  ``C_k`` columns (the targets); ``R = B * P`` rows in ``(b, p)`` order.
+- ``omega [R, T]``: ``valid_it / n_t`` (``n_t`` valid rows, times ``C_k`` for an elementwise ``"mean"``).
+- ``losses`` (codes, ``LOSS_CODES``), ``col_offsets`` ``[T+1]`` into ``C``, ``y_offsets`` ``[T+1]`` into ``Cy``.
+
+The op computes unweighted per-task penalties; task weights (``R`` scales with ``w_k^2``), the norm and the
+sum over tasks are applied afterwards in differentiable torch ops, so a learnable weight gets its gradient too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch._C import _functions
+
+from dgr_fast.backends import resolve_backend
+from dgr_fast.reference import dgr as ref
+
+LOSS_CODES = {"ce": 0, "bce": 1, "mse": 2, "l1": 3}
+NORMS = ("squared", "l2")
+IMPLEMENTED = ("cuda", "triton", "cpp", "torch", "reference")
+FUSED = ("cuda", "triton", "cpp")
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = {
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cpp": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+@dataclass
+class Packed:
+    """Packed inputs of the fused computation (see the module docstring)."""
+
+    z3: Tensor  # [B, D, P], the features' dtype
+    weight: Tensor  # [C, D], accumulation dtype
+    bias: Tensor  # [C]
+    bias_mask: Tensor  # [C], 1 where the task's head has a bias (its gradient counts in R), else 0
+    y: Tensor  # [R, Cy]
+    omega: Tensor  # [R, T]
+    losses: list[int]
+    col_offsets: list[int]
+    y_offsets: list[int]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks: everything is refused here, before a kernel runs, with the argument named.
+
+
+def _seq(name: str, value, num_tasks: int, default) -> list:
+    if value is None:
+        return [default] * num_tasks
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value] * num_tasks
+    value = list(value)
+    if len(value) != num_tasks:
+        raise ValueError(f"{name} has {len(value)} entries but there are {num_tasks} tasks (len(weights))")
+    return value
+
+
+def _check_inputs(features, weights, biases, targets, losses, masks, ignore_index, reductions):
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating tensor, got {features.dtype}")
+    if features.dim() < 2:
+        raise ValueError(f"features must be [N, D] or [B, D, *spatial], got a {features.dim()}-D tensor of shape {tuple(features.shape)}")
+    if isinstance(weights, Tensor):
+        raise TypeError("weights must be a sequence of [C_k, D] tensors, one per task, not a single tensor")
+    weights = list(weights)
+    num_tasks = len(weights)
+    if num_tasks == 0:
+        raise ValueError("weights is empty: at least one task is needed")
+    biases = _seq("biases", biases, num_tasks, None)
+    targets = _seq("targets", targets, num_tasks, None)
+    losses = _seq("losses", losses, num_tasks, None)
+    masks = _seq("masks", masks, num_tasks, None)
+    ignore_index = _seq("ignore_index", ignore_index, num_tasks, -100)
+    reductions = _seq("reductions", reductions, num_tasks, "mean")
+    device, width = features.device, features.shape[1]
+    row_shape = features.shape[:1] + features.shape[2:]
+    for k in range(num_tasks):
+        w, b, y, loss, m = weights[k], biases[k], targets[k], losses[k], masks[k]
+        if loss not in LOSS_CODES:
+            raise ValueError(f"losses[{k}] must be one of {tuple(LOSS_CODES)}, got {loss!r}")
+        if reductions[k] not in ref.REDUCTIONS:
+            raise ValueError(f"reductions[{k}] must be one of {ref.REDUCTIONS}, got {reductions[k]!r}")
+        if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+            raise TypeError(f"weights[{k}] must be a floating [C_k, D] tensor, got {getattr(w, 'shape', type(w).__name__)}")
+        if w.shape[1] != width or w.shape[0] < 1:
+            raise ValueError(f"weights[{k}] must be [C_k, D] with D = features.shape[1] = {width} and C_k >= 1, got {tuple(w.shape)}")
+        if w.device != device:
+            raise ValueError(f"weights[{k}] is on {w.device} but features are on {device}")
+        classes = w.shape[0]
+        if b is not None:
+            if not isinstance(b, Tensor) or tuple(b.shape) != (classes,) or not b.is_floating_point():
+                raise ValueError(f"biases[{k}] must be None or a floating [C_k] = [{classes}] tensor, got {getattr(b, 'shape', type(b).__name__)}")
+            if b.device != device:
+                raise ValueError(f"biases[{k}] is on {b.device} but features are on {device}")
+        if not isinstance(y, Tensor):
+            raise TypeError(f"targets[{k}] must be a tensor, got {type(y).__name__}")
+        if y.device != device:
+            raise ValueError(f"targets[{k}] is on {y.device} but features are on {device}")
+        if loss == "ce":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"targets[{k}] (loss 'ce') must hold integer class indices, got {y.dtype}")
+            if y.shape != row_shape:
+                raise ValueError(f"targets[{k}] (loss 'ce') must be {list(row_shape)} class indices, got {list(y.shape)}")
+            valid = y != ignore_index[k]
+            if m is not None:
+                valid = valid & m
+            bad = valid & ((y < 0) | (y >= classes))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
+                    f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
+                )
+        else:
+            expected = features.shape[:1] + (classes,) + features.shape[2:]
+            if not y.is_floating_point():
+                raise TypeError(f"targets[{k}] (loss {loss!r}) must be a floating tensor, got {y.dtype}")
+            if y.shape != expected:
+                raise ValueError(f"targets[{k}] (loss {loss!r}) must be {list(expected)}, got {list(y.shape)}")
+        if m is not None:
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != row_shape:
+                raise ValueError(f"masks[{k}] must be None or a bool {list(row_shape)} tensor, got {getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))}")
+            if m.device != device:
+                raise ValueError(f"masks[{k}] is on {m.device} but features are on {device}")
+    return weights, biases, targets, losses, masks, ignore_index, reductions
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (gradcheck); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def features_3d(features: Tensor) -> Tensor:
+    """``[N, D] -> [N, D, 1]``, ``[B, D, *spatial] -> [B, D, P]``: a view unless the spatial dims cannot merge."""
+    return features.unsqueeze(-1) if features.dim() == 2 else features.flatten(2)
+
+
+def pack(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Packed:
+    """Stack the heads and pack targets and validity into the row-major layout every backend reads."""
+    acc = accumulation_dtype(features.dtype)
+    z3 = features_3d(features)
+    rows = z3.shape[0] * z3.shape[2]
+    ys, omegas, codes, col_offsets, y_offsets = [], [], [], [0], [0]
+    for k, (w, y, loss, m) in enumerate(zip(weights, targets, losses, masks)):
+        valid = torch.ones(rows, dtype=torch.bool, device=features.device) if m is None else m.reshape(rows)
+        if loss == "ce":
+            y = y.reshape(rows)
+            valid = valid & (y != ignore_index[k])
+            ys.append(torch.where(valid, y, 0).to(acc).unsqueeze(1))
+        else:
+            ys.append(y.to(acc).reshape(z3.shape[0], w.shape[0], -1).transpose(1, 2).reshape(rows, w.shape[0]))
+        count = valid.sum() * (w.shape[0] if loss != "ce" and reductions[k] == "mean" else 1)
+        omegas.append(valid.to(acc) / count.clamp_min(1).to(acc))
+        codes.append(LOSS_CODES[loss])
+        col_offsets.append(col_offsets[-1] + w.shape[0])
+        y_offsets.append(y_offsets[-1] + ys[-1].shape[1])
+    weight = torch.cat([w.detach().to(acc) for w in weights])
+    zeros = [torch.zeros(w.shape[0], dtype=acc, device=features.device) for w in weights]
+    bias = torch.cat([z if b is None else b.detach().to(acc) for z, b in zip(zeros, biases)])
+    bias_mask = torch.cat([z if b is None else z + 1 for z, b in zip(zeros, biases)])
+    y, omega = torch.cat(ys, 1).contiguous(), torch.stack(omegas, 1).contiguous()
+    return Packed(z3, weight.contiguous(), bias, bias_mask, y, omega, codes, col_offsets, y_offsets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `torch` backend: the closed form in plain torch ops. It is the executable specification the fused kernels
+# match, and every op in it is differentiable, so its backward can itself be differentiated (gradgradcheck).
+
+
+def _task_columns(losses: Sequence[int], col_offsets: Sequence[int], y_offsets: Sequence[int]):
+    for t, code in enumerate(losses):
+        yield t, code, col_offsets[t], col_offsets[t + 1], y_offsets[t]
+
+
+def _residual_rows(s: Tensor, y: Tensor, omega: Tensor, losses, col_offsets, y_offsets, u: Tensor | None = None) -> Tensor:
+    """``r = omega * dl/ds`` (``u is None``) or ``omega * H u`` for the rows ``s [R, C]``; ``y``/``omega`` packed."""
+    out = []
+    for t, code, c0, c1, y0 in _task_columns(losses, col_offsets, y_offsets):
+        seg = s[:, c0:c1]
+        if code == LOSS_CODES["ce"]:
+            p = torch.softmax(seg, dim=1)
+            if u is None:
+                onehot = torch.nn.functional.one_hot(y[:, y0].long(), c1 - c0).to(seg.dtype)
+                val = p - onehot
+            else:
+                us = u[:, c0:c1]
+                val = p * (us - (p * us).sum(1, keepdim=True))
+        elif code == LOSS_CODES["bce"]:
+            q = torch.sigmoid(seg)
+            val = q - y[:, y0 : y0 + c1 - c0] if u is None else q * (1 - q) * u[:, c0:c1]
+        elif code == LOSS_CODES["mse"]:
+            val = 2 * (seg - y[:, y0 : y0 + c1 - c0]) if u is None else 2 * u[:, c0:c1]
+        else:  # l1: sign(0) = 0 as autograd; its Hessian is 0
+            val = torch.sign(seg - y[:, y0 : y0 + c1 - c0]) if u is None else torch.zeros_like(seg)
+        out.append(omega[:, t : t + 1] * val)
+    return torch.cat(out, 1)
+
+
+def _rows(x3: Tensor) -> Tensor:
+    """``[B, C, P] -> [B*P, C]`` (rows in (b, p) order)."""
+    return x3.transpose(1, 2).reshape(-1, x3.shape[1])
+
+
+def _unrows(x: Tensor, batch: int) -> Tensor:
+    """``[B*P, C] -> [B, C, P]``."""
+    return x.reshape(batch, -1, x.shape[1]).transpose(1, 2)
+
+
+def _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets) -> tuple[Tensor, Tensor]:
+    """Pass 1: ``(G_W [C, D], G_b [C])``. ``W @ z3`` and ``r3 @ z3^T`` read z3 in place, whatever its strides."""
+    z = z3.to(weight.dtype)
+    s = _rows(torch.matmul(weight, z)) + bias
+    r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
+    r3 = _unrows(r, z.shape[0])
+    return torch.matmul(r3, z.transpose(1, 2)).sum(0), r.sum(0) * bias_mask
+
+
+def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets) -> Tensor:
+    """Pass 2: ``dz3 [B, D, P]`` from the row-scaled gradients ``Gt_W, Gt_b``."""
+    z = z3.to(weight.dtype)
+    s_u = _rows(torch.matmul(torch.cat([weight, gt_w]), z))
+    c = weight.shape[0]
+    s, u = s_u[:, :c] + bias, 2 * (s_u[:, c:] + gt_b)
+    r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
+    hu = _residual_rows(s, y, omega, losses, col_offsets, y_offsets, u=u)
+    rhs = _unrows(torch.cat([r, hu], 1), z.shape[0])
+    return torch.matmul(torch.cat([2 * gt_w, weight]).transpose(0, 1), rhs).to(z3.dtype)
+
+
+def task_penalties(g_w: Tensor, g_b: Tensor, col_offsets: Sequence[int]) -> Tensor:
+    """``R_t = ||G_W[t]||^2 + ||G_b[t]||^2`` per task segment: ``[T]``."""
+    per_col = (g_w * g_w).sum(1) + g_b * g_b
+    return torch.stack([per_col[c0:c1].sum() for c0, c1 in zip(col_offsets[:-1], col_offsets[1:])])
+
+
+def row_scale(grad: Tensor, col_offsets: Sequence[int]) -> Tensor:
+    """Expand a per-task ``[T]`` vector to the ``[C]`` columns of the stacked heads."""
+    return torch.cat([grad[t : t + 1].expand(c1 - c0) for t, (c0, c1) in enumerate(zip(col_offsets[:-1], col_offsets[1:]))])
+
+
+class _TorchPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets):
+        g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets)
+        ctx.save_for_backward(z3, weight, bias, bias_mask, y, omega, g_w, g_b)
+        ctx.meta = (losses, col_offsets, y_offsets)
+        return task_penalties(g_w, g_b, col_offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z3, weight, bias, bias_mask, y, omega, g_w, g_b = ctx.saved_tensors
+        losses, col_offsets, y_offsets = ctx.meta
+        if torch.is_grad_enabled():
+            # create_graph: G depends on z, so recompute it in the graph for the second derivative to see that.
+            g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets)
+        scale = row_scale(grad, col_offsets)
+        dz3 = _torch_features_grad(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets)
+        return dz3, None, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused backends: a torch.library op pair (so torch.compile sees an opaque op with a fake implementation), whose
+# implementations call the backend's two passes. Their backward is once-differentiable.
+
+
+def _kernels(backend: str):
+    if backend == "cpp":
+        import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
+
+        return torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
+    if backend == "cuda":
+        import dgr_fast._C_cuda  # noqa: F401  (registers torch.ops.dgr_fast_cuda)
+
+        return torch.ops.dgr_fast_cuda.dgr_penalty_fwd, torch.ops.dgr_fast_cuda.dgr_penalty_bwd
+    if backend == "triton":
+        from dgr_fast.kernels import dgr_penalty as triton_kernels
+
+        return triton_kernels.forward, triton_kernels.backward
+    raise ValueError(f"no fused kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("dgr_fast::dgr_penalty_fwd", mutates_args=())
+def _fused_fwd(
+    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, y: Tensor, omega: Tensor,
+    losses: list[int], col_offsets: list[int], y_offsets: list[int], backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_w, g_b = _kernels(backend)[0](z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+    g_b = g_b * bias_mask
+    return task_penalties(g_w, g_b, col_offsets), g_w, g_b
+
+
+@_fused_fwd.register_fake
+def _(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets, backend):
+    return weight.new_empty(len(losses)), torch.empty_like(weight), torch.empty_like(bias)
+
+
+@torch.library.custom_op("dgr_fast::dgr_penalty_bwd", mutates_args=())
+def _fused_bwd(
+    z3: Tensor, weight: Tensor, bias: Tensor, y: Tensor, omega: Tensor, gt_w: Tensor, gt_b: Tensor,
+    losses: list[int], col_offsets: list[int], y_offsets: list[int], backend: str,
+) -> Tensor:
+    return _kernels(backend)[1](z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
+
+
+@_fused_bwd.register_fake
+def _(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets, backend):
+    return torch.empty_like(z3, memory_format=torch.contiguous_format)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    z3, weight, bias, _bias_mask, y, omega, losses, col_offsets, y_offsets, backend = inputs
+    _, g_w, g_b = output
+    ctx.save_for_backward(z3, weight, bias, y, omega, g_w, g_b)
+    ctx.meta = (losses, col_offsets, y_offsets, backend)
+
+
+def _fused_backward(ctx, grad, _grad_g_w, _grad_g_b):
+    z3, weight, bias, y, omega, g_w, g_b = ctx.saved_tensors
+    losses, col_offsets, y_offsets, backend = ctx.meta
+    with torch.no_grad():
+        scale = row_scale(grad, col_offsets)
+        dz3 = _fused_bwd(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets, backend)
+    if torch.is_grad_enabled() and (grad.requires_grad or z3.requires_grad):
+        # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
+        # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
+        dz3 = _functions.DelayedError(_ONCE_DIFFERENTIABLE.format(backend).encode(), 1)(dz3.detach().requires_grad_())
+    return dz3, None, None, None, None, None, None, None, None, None
+
+
+_ONCE_DIFFERENTIABLE = (
+    "dgr_penalty backend {!r}: the fused backward is once-differentiable; for a second derivative "
+    "use backend='torch' or backend='reference'"
+)
+_fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def dgr_penalty_per_task(
+    features: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None,
+    targets: Sequence[Tensor],
+    losses: Sequence[str] | str,
+    *,
+    masks: Sequence[Tensor | None] | None = None,
+    ignore_index: int | Sequence[int] = -100,
+    reductions: Sequence[str] | str | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Unweighted per-task penalties ``[T]`` (fp32, or fp64 for fp64 features); arguments as ``dgr_penalty``."""
+    weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
+        features, weights, biases, targets, losses, masks, ignore_index, reductions
+    )
+    name = resolve_backend("dgr_penalty", backend, features.device, features.dtype, IMPLEMENTED, DTYPES)
+    if name == "reference":
+        acc = accumulation_dtype(features.dtype)
+        return ref.linear_penalties(
+            features.to(acc), [w.to(acc) for w in weights], [None if b is None else b.to(acc) for b in biases],
+            targets, losses, masks, ignore_index, reductions,
+        )
+    p = pack(features, weights, biases, targets, losses, masks, ignore_index, reductions)
+    args = (p.z3, p.weight, p.bias, p.bias_mask, p.y, p.omega, p.losses, p.col_offsets, p.y_offsets)
+    if name == "torch":
+        return _TorchPenalty.apply(*args)
+    return _fused_fwd(*args, name)[0]
+
+
+def apply_norm(penalty: Tensor, norm: str) -> Tensor:
+    """``"squared"``: ``R`` itself; ``"l2"``: ``sqrt(R)`` with gradient 0 at ``R = 0`` (not NaN)."""
+    if norm == "squared":
+        return penalty
+    positive = penalty > 0
+    return torch.where(positive, torch.where(positive, penalty, 1).sqrt(), 0)
+
+
+def dgr_penalty(
+    features: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None,
+    targets: Sequence[Tensor],
+    losses: Sequence[str] | str,
+    *,
+    task_weights: Sequence[float] | Tensor | None = None,
+    masks: Sequence[Tensor | None] | None = None,
+    ignore_index: int | Sequence[int] = -100,
+    reductions: Sequence[str] | str | None = None,
+    norm: str = "squared",
+    backend: str | None = None,
+) -> Tensor:
+    """DGR penalty of linear (1x1-convolution) dummy heads on shared features, with its exact gradient.
+
+    ``R = sum_k w_k^2 (||dL_k/dW_k||_F^2 + ||dL_k/db_k||^2)``: the squared norm of the gradient of the weighted
+    dummy loss w.r.t. all dummy head parameters (Shin, Do, Son, ECCV 2024).
+
+    Args:
+        features: ``[N, D]`` rows or ``[B, D, *spatial]`` maps, any strides; fp32/fp16/bf16 (fp64 on the
+            ``torch``, ``reference``, ``cpp`` and ``triton`` backends).
+        weights: per task ``[C_k, D]``, the dummy heads (never trained; they receive no gradient).
+        biases: ``None`` or per task ``[C_k]`` / ``None``.
+        targets: per task: ``"ce"``: integer class indices ``[N]`` / ``[B, *spatial]``; otherwise floats
+            ``[N, C_k]`` / ``[B, C_k, *spatial]``.
+        losses: per task (or one for all) ``"ce"``, ``"bce"``, ``"mse"``, ``"l1"``.
+        task_weights: ``w_k`` multiplying each task loss (default 1); may require grad.
+        masks: per task ``None`` or bool ``[N]`` / ``[B, *spatial]``: the rows/pixels that count.
+        ignore_index: ``"ce"`` targets that do not count (one for all tasks or one per task).
+        reductions: per task (or one for all) ``"mean"`` over valid elements (default) or ``"row_mean"``
+            (summed over channels, averaged over valid rows/pixels: the official dense-prediction losses).
+        norm: ``"squared"`` (``R``, the official code) or ``"l2"`` (``sqrt(R)``, gradient 0 at 0).
+        backend: ``None`` (fastest that supports the inputs, or ``$DGR_FAST_BACKEND``) or a name from
+            ``dgr_fast.BACKENDS``.
+    Returns:
+        0-dim tensor, fp32 (fp64 for fp64 features), differentiable w.r.t. ``features`` (and ``task_weights``).
+        A batch with nothing valid gives 0 with a zero gradient.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    per_task = dgr_penalty_per_task(
+        features, weights, biases, targets, losses, masks=masks, ignore_index=ignore_index, reductions=reductions, backend=backend
+    )
+    return apply_norm(weighted_sum(per_task, task_weights), norm)
+
+
+def weighted_sum(per_task: Tensor, task_weights: Sequence[float] | Tensor | None) -> Tensor:
+    """``sum_k w_k^2 R_k`` over the last dim of ``per_task [..., T]`` (the penalty scales with the square of the weight)."""
+    if task_weights is None:
+        return per_task.sum(-1)
+    w = torch.as_tensor(task_weights, device=per_task.device).to(per_task.dtype) if not isinstance(task_weights, Tensor) else task_weights.to(per_task.dtype)
+    if w.shape != per_task.shape[-1:]:
+        raise ValueError(f"task_weights must have one entry per task ({per_task.shape[-1]}), got shape {tuple(w.shape)}")
+    return (per_task * w * w).sum(-1)
