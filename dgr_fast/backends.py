@@ -17,7 +17,7 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -101,6 +101,11 @@ def _device_supports(name: str, device: torch.device) -> bool:
     return True
 
 
+def _unavailable(name: str, probe: Callable[[str], str | None]) -> str | None:
+    status = backend_status(name)
+    return probe(name) if status.available else status.reason
+
+
 def resolve_backend(
     op: str,
     requested: str | None,
@@ -108,11 +113,13 @@ def resolve_backend(
     dtype: torch.dtype,
     implemented: Sequence[str],
     dtypes: dict[str, Iterable[torch.dtype]],
+    probe: Callable[[str], str | None] = lambda name: None,
 ) -> str:
     """Pick the backend that runs ``op`` on inputs of ``device``/``dtype``.
 
     ``implemented`` lists the backends that have the op, fastest first; ``dtypes[name]`` the input dtypes a backend
-    takes (absent: all floating types).
+    takes (absent: all floating types); ``probe(name)`` says why an available backend still lacks this op's kernels
+    (an extension built from older sources, say), or None.
     """
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
@@ -124,9 +131,9 @@ def resolve_backend(
             raise ValueError(f"{source}: backend must be one of {BACKENDS} or None, got {requested!r}")
         if requested not in implemented:
             raise RuntimeError(f"{op}: backend {requested!r} ({source}) does not implement this op; it has {tuple(implemented)}")
-        status = backend_status(requested)
-        if not status.available:
-            raise RuntimeError(f"{op}: backend {requested!r} ({source}) cannot run here: {status.reason}")
+        reason = _unavailable(requested, probe)
+        if reason:
+            raise RuntimeError(f"{op}: backend {requested!r} ({source}) cannot run here: {reason}")
         if not _device_supports(requested, device):
             raise RuntimeError(f"{op}: backend {requested!r} ({source}) does not run on {device.type} tensors")
         if requested in dtypes and dtype not in tuple(dtypes[requested]):
@@ -139,10 +146,10 @@ def resolve_backend(
             continue  # the interpreter is for tests, never an automatic choice
         if not _device_supports(name, device) or (name in dtypes and dtype not in tuple(dtypes[name])):
             continue
-        status = backend_status(name)
-        if status.available:
+        reason = _unavailable(name, probe)
+        if not reason:
             return name
         if (op, name) not in _warned:
             _warned.add((op, name))
-            warnings.warn(f"dgr_fast {op}: backend {name!r} is unavailable ({status.reason}); falling back", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"dgr_fast {op}: backend {name!r} is unavailable ({reason}); falling back", RuntimeWarning, stacklevel=3)
     raise RuntimeError(f"{op}: no backend supports {dtype} tensors on {device}")

@@ -115,6 +115,11 @@ def _check_inputs(features, weights, biases, targets, losses, masks, ignore_inde
                 raise ValueError(f"biases[{k}] must be None or a floating [C_k] = [{classes}] tensor, got {getattr(b, 'shape', type(b).__name__)}")
             if b.device != device:
                 raise ValueError(f"biases[{k}] is on {b.device} but features are on {device}")
+        if m is not None:
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != row_shape:
+                raise ValueError(f"masks[{k}] must be None or a bool {list(row_shape)} tensor, got {getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))}")
+            if m.device != device:
+                raise ValueError(f"masks[{k}] is on {m.device} but features are on {device}")
         if not isinstance(y, Tensor):
             raise TypeError(f"targets[{k}] must be a tensor, got {type(y).__name__}")
         if y.device != device:
@@ -139,11 +144,6 @@ def _check_inputs(features, weights, biases, targets, losses, masks, ignore_inde
                 raise TypeError(f"targets[{k}] (loss {loss!r}) must be a floating tensor, got {y.dtype}")
             if y.shape != expected:
                 raise ValueError(f"targets[{k}] (loss {loss!r}) must be {list(expected)}, got {list(y.shape)}")
-        if m is not None:
-            if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != row_shape:
-                raise ValueError(f"masks[{k}] must be None or a bool {list(row_shape)} tensor, got {getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))}")
-            if m.device != device:
-                raise ValueError(f"masks[{k}] is on {m.device} but features are on {device}")
     return weights, biases, targets, losses, masks, ignore_index, reductions
 
 
@@ -289,16 +289,26 @@ def _kernels(backend: str):
     if backend == "cpp":
         import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
 
-        return torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
+        return lambda *a: torch.ops.dgr_fast_cpu.dgr_penalty_fwd(*a), lambda *a: torch.ops.dgr_fast_cpu.dgr_penalty_bwd(*a)
     if backend == "cuda":
         import dgr_fast._C_cuda  # noqa: F401  (registers torch.ops.dgr_fast_cuda)
 
-        return torch.ops.dgr_fast_cuda.dgr_penalty_fwd, torch.ops.dgr_fast_cuda.dgr_penalty_bwd
+        return lambda *a: torch.ops.dgr_fast_cuda.dgr_penalty_fwd(*a), lambda *a: torch.ops.dgr_fast_cuda.dgr_penalty_bwd(*a)
     if backend == "triton":
         from dgr_fast.kernels import dgr_penalty as triton_kernels
 
         return triton_kernels.forward, triton_kernels.backward
     raise ValueError(f"no fused kernels for backend {backend!r}")
+
+
+def _missing_kernels(backend: str) -> str | None:
+    """Why an available backend has no DGR kernels (None when it has them)."""
+    if backend in ("cpp", "cuda"):
+        _kernels(backend)  # imports the extension
+        namespace = torch.ops.dgr_fast_cpu if backend == "cpp" else torch.ops.dgr_fast_cuda
+        if not hasattr(namespace, "dgr_penalty_fwd"):
+            return "the built extension has no dgr_penalty kernels (rebuild: pip install --no-build-isolation -e .)"
+    return None
 
 
 @torch.library.custom_op("dgr_fast::dgr_penalty_fwd", mutates_args=())
@@ -376,7 +386,7 @@ def dgr_penalty_per_task(
     weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
         features, weights, biases, targets, losses, masks, ignore_index, reductions
     )
-    name = resolve_backend("dgr_penalty", backend, features.device, features.dtype, IMPLEMENTED, DTYPES)
+    name = resolve_backend("dgr_penalty", backend, features.device, features.dtype, IMPLEMENTED, DTYPES, _missing_kernels)
     if name == "reference":
         acc = accumulation_dtype(features.dtype)
         return ref.linear_penalties(
