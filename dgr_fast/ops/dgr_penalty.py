@@ -218,35 +218,30 @@ def _residual_rows(s: Tensor, y: Tensor, omega: Tensor, losses, col_offsets, y_o
     return torch.cat(out, 1)
 
 
-def _rows(x3: Tensor) -> Tensor:
-    """``[B, C, P] -> [B*P, C]`` (rows in (b, p) order)."""
-    return x3.transpose(1, 2).reshape(-1, x3.shape[1])
-
-
-def _unrows(x: Tensor, batch: int) -> Tensor:
-    """``[B*P, C] -> [B, C, P]``."""
-    return x.reshape(batch, -1, x.shape[1]).transpose(1, 2)
+def _head_rows(z3: Tensor, m: Tensor) -> Tensor:
+    """``[R, K]`` rows ``m z_i`` for ``m [K, D]``: one batched GEMM reading z3 in place (BLAS takes the transposes)."""
+    return torch.matmul(z3.transpose(1, 2), m.transpose(0, 1)).reshape(-1, m.shape[0])
 
 
 def _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets) -> tuple[Tensor, Tensor]:
-    """Pass 1: ``(G_W [C, D], G_b [C])``. ``W @ z3`` and ``r3 @ z3^T`` read z3 in place, whatever its strides."""
+    """Pass 1: ``(G_W [C, D], G_b [C])``."""
     z = z3.to(weight.dtype)
-    s = _rows(torch.matmul(weight, z)) + bias
+    s = _head_rows(z, weight) + bias
     r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
-    r3 = _unrows(r, z.shape[0])
-    return torch.matmul(r3, z.transpose(1, 2)).sum(0), r.sum(0) * bias_mask
+    g_w = torch.matmul(r.view(z.shape[0], -1, r.shape[1]).transpose(1, 2), z.transpose(1, 2)).sum(0)
+    return g_w, r.sum(0) * bias_mask
 
 
 def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets) -> Tensor:
     """Pass 2: ``dz3 [B, D, P]`` from the row-scaled gradients ``Gt_W, Gt_b``."""
     z = z3.to(weight.dtype)
-    s_u = _rows(torch.matmul(torch.cat([weight, gt_w]), z))
     c = weight.shape[0]
+    s_u = _head_rows(z, torch.cat([weight, gt_w]))
     s, u = s_u[:, :c] + bias, 2 * (s_u[:, c:] + gt_b)
     r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
     hu = _residual_rows(s, y, omega, losses, col_offsets, y_offsets, u=u)
-    rhs = _unrows(torch.cat([r, hu], 1), z.shape[0])
-    return torch.matmul(torch.cat([2 * gt_w, weight]).transpose(0, 1), rhs).to(z3.dtype)
+    rhs = torch.cat([r, hu], 1).view(z.shape[0], -1, 2 * c)  # [B, P, 2C]
+    return torch.matmul(torch.cat([2 * gt_w, weight]).transpose(0, 1), rhs.transpose(1, 2)).to(z3.dtype)
 
 
 def task_penalties(g_w: Tensor, g_b: Tensor, col_offsets: Sequence[int]) -> Tensor:

@@ -1,0 +1,251 @@
+"""Benchmark the DGR penalty, forward + backward, per backend, against the floor.
+
+    python benchmarks/bench_dgr.py [--device cpu|cuda] [--quick] [--providers reference,torch,cpp] [--out DIR]
+
+Prints a table and writes ``dgr.csv`` (and ``dgr.png`` when matplotlib is installed) to ``--out``
+(default ``benchmarks/out``). Each row: median time of ``dgr_penalty(...).backward()``, the extra peak memory over
+the inputs, the floor (max of bytes / measured copy bandwidth and flops / measured matmul rate, both measured in the
+same run) and ``floor / time`` (the achieved fraction of it).
+
+Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import dgr_fast  # noqa: E402
+from dgr_fast import dgr_penalty  # noqa: E402
+
+
+@dataclass
+class Shape:
+    name: str
+    features: tuple[int, ...]
+    tasks: tuple[tuple[str, int], ...]  # (loss, C_k)
+    dense_official: bool = False  # seg (ignore_index) + masked L1 with row_mean, as the official dense code
+
+    @property
+    def rows(self) -> int:
+        n = self.features[0]
+        for s in self.features[2:]:
+            n *= s
+        return n
+
+
+SCENE = (("ce", 13), ("l1", 1), ("l1", 3))
+UTKFACE = (("ce", 7), ("ce", 2), ("ce", 5))
+
+
+def shapes(device: str, quick: bool) -> list[Shape]:
+    if device == "cuda":
+        out = [Shape("scene 8x64x288x384", (8, 64, 288, 384), SCENE, True), Shape("scene 8x2048x36x48", (8, 2048, 36, 48), SCENE, True)]
+    else:
+        out = [Shape("scene 4x64x96x128", (4, 64, 96, 128), SCENE, True)]
+        if not quick:
+            out.append(Shape("scene 2x2048x36x48", (2, 2048, 36, 48), SCENE, True))
+    out += [Shape(f"utkface N={n}", (n, 2048), UTKFACE) for n in ((64, 256, 4096) if not quick else (256,))]
+    sweep_n = (1024, 8192, 65536) if not quick else (8192,)
+    for n in sweep_n:
+        for c in ((4, 16, 64) if not quick else (16,)):
+            out.append(Shape(f"sweep N={n} C={c}", (n, 256), (("ce", c),)))
+    return out
+
+
+def make_inputs(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, d, spatial = shape.features[0], shape.features[1], shape.features[2:]
+    row_shape = (n, *spatial)
+    z = torch.randn(shape.features, generator=g).to(device=device, dtype=dtype)
+    weights, biases, targets, masks, losses, reductions = [], [], [], [], [], []
+    bound = d**-0.5
+    for loss, c in shape.tasks:
+        weights.append(((torch.rand(c, d, generator=g) * 2 - 1) * bound).to(device))
+        biases.append(((torch.rand(c, generator=g) * 2 - 1) * bound).to(device))
+        if loss == "ce":
+            y = torch.randint(0, c, row_shape, generator=g)
+            if shape.dense_official:
+                y[torch.rand(row_shape, generator=g) < 0.1] = -1
+            targets.append(y.to(device))
+            masks.append(None)
+        else:
+            y = torch.rand((n, c, *spatial), generator=g)
+            targets.append(y.to(device))
+            masks.append((torch.rand(row_shape, generator=g) < 0.8).to(device))
+        losses.append(loss)
+        reductions.append("row_mean" if shape.dense_official and loss != "ce" else "mean")
+    return dict(features=z, weights=weights, biases=biases, targets=targets, losses=losses, masks=masks,
+                ignore_index=-1, reductions=reductions)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: str, min_time: float, max_reps: int) -> float:
+    fn()  # warm-up (and compilation)
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large tensor copy (read + write), the yardstick of the byte floor."""
+    src = torch.randn(64 * 2**20, device=device)  # 256 MiB
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, 0.5, 20)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    n = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = median_time(lambda: a @ b, device, 0.5, 20)
+    return 2 * n**3 / t
+
+
+def peak_extra_bytes(fn, device: str) -> int:
+    """Peak memory allocated while ``fn`` runs, above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the process's resident-set high-water mark, reset before the call (Linux /proc). main() fixes glibc's
+    # mmap threshold so that large blocks go back to the system when freed and RSS follows live memory.
+    base = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    return (_proc_status_kb("VmHWM") - base) * 1024
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run(args) -> list[dict]:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads) if device == "cpu" else None
+    bandwidth, rate = copy_bandwidth(device), matmul_rate(device, torch.float32)
+    print(f"# {device}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {rate / 1e9:.1f} GFLOP/s, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    status = dgr_fast.available_backends()
+    rows = []
+    for shape in shapes(device, args.quick):
+        inputs = make_inputs(shape, device, dtype)
+        z = inputs["features"]
+        c = sum(k for _, k in shape.tasks)
+        floor_bytes = 3 * z.numel() * z.element_size()
+        flops = 12 * shape.features[1] * c * shape.rows
+        floor = max(floor_bytes / bandwidth, flops / rate)
+        for provider in args.providers:
+            if not status[provider].available:
+                print(f"  skip {provider}: {status[provider].reason}")
+                continue
+            if provider == "reference" and shape.rows * shape.features[1] > args.max_reference_elements:
+                continue  # autograd double backward of the largest shapes takes minutes on a CPU
+
+            def step():
+                zz = z.detach().requires_grad_(True)
+                dgr_penalty(**{**inputs, "features": zz}, backend=provider).backward()
+
+            try:
+                t = median_time(step, device, args.min_time, args.max_reps)
+                mem = peak_extra_bytes(step, device)
+            except RuntimeError as exc:
+                print(f"  skip {provider} on {shape.name}: {exc}")
+                continue
+            rows.append(dict(shape=shape.name, provider=provider, ms=t * 1e3, floor_ms=floor * 1e3, of_floor=floor / t,
+                             peak_extra_mb=mem / 2**20, z_mb=z.numel() * z.element_size() / 2**20))
+    by_shape: dict[str, dict] = {}
+    for r in rows:
+        by_shape.setdefault(r["shape"], {})[r["provider"]] = r["ms"]
+    for r in rows:
+        ref = by_shape[r["shape"]].get("reference")
+        r["speedup_vs_reference"] = ref / r["ms"] if ref else float("nan")
+        tor = by_shape[r["shape"]].get("torch")
+        r["speedup_vs_torch"] = tor / r["ms"] if tor else float("nan")
+    return rows
+
+
+def report(rows: list[dict], out: str, device: str) -> None:
+    cols = ["shape", "provider", "ms", "floor_ms", "of_floor", "speedup_vs_reference", "speedup_vs_torch", "peak_extra_mb", "z_mb"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"dgr_{device}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    shapes_ = list(dict.fromkeys(r["shape"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(shapes_) * 0.9), 4))
+    width = 0.8 / len(providers)
+    for i, p in enumerate(providers):
+        vals = [next((r["of_floor"] for r in rows if r["shape"] == s and r["provider"] == p), 0) for s in shapes_]
+        ax.bar([j + i * width for j in range(len(shapes_))], vals, width, label=p)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes_))], shapes_, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("floor / time (1 = at the floor)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"dgr_{device}.png"), dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--providers", default=None, help="comma-separated backends (default: all that run on the device)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of repetitions per measurement")
+    p.add_argument("--max-reps", type=int, default=50)
+    p.add_argument("--max-reference-elements", type=float, default=1e8, help="skip the reference above this many feature elements")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = p.parse_args(argv)
+    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Freed large blocks must return to the system for the RSS-based peak memory to mean anything.
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    default = ["reference", "torch", "cpp"] if args.device == "cpu" else ["reference", "torch", "triton", "cuda"]
+    args.providers = args.providers.split(",") if args.providers else default
+    if args.quick:
+        args.min_time, args.max_reps = 0.2, 5
+    report(run(args), args.out, args.device)
+
+
+if __name__ == "__main__":
+    main()
