@@ -151,20 +151,38 @@ class DummyHeads(nn.Module):
         Returns:
             0-dim, differentiable w.r.t. ``features``.
         """
+        per_set_task = self._penalties(features, targets, masks)
+        return apply_norm(weighted_sum(per_set_task, task_weights), self.norm).mean()
+
+    def per_task(
+        self,
+        features: Tensor,
+        targets: Sequence[Tensor] | Mapping[str, Tensor],
+        *,
+        masks: Sequence[Tensor | None] | Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Unweighted per-task penalties ``[K]`` (mean over the sets). Their sum is ``forward``'s value when
+        ``norm="squared"``: the penalty splits over tasks, so a method that keeps per-task gradients (AdaTask) can
+        give task k its own share ``R_k``."""
+        if self.norm != "squared":
+            raise ValueError("per_task needs norm='squared': sqrt(sum_k R_k) does not split over tasks")
+        return self._penalties(features, targets, masks).mean(0)
+
+    def _penalties(self, features, targets, masks) -> Tensor:
+        """``[num_sets, K]`` unweighted penalties (redrawing the heads first when ``resample="step"``)."""
         if self.training and self.resample_mode == "step":
             self.resample()
         targets, masks = self._per_task(targets, "targets"), self._per_task(masks, "masks")
         sets, k = self.num_sets, len(self.tasks)
-        weights = [self.weight[s, c0:c1] for s in range(sets) for c0, c1 in zip(self.offsets[:-1], self.offsets[1:])]
-        biases = [None] * (sets * k) if self.bias is None else [
-            self.bias[s, c0:c1] for s in range(sets) for c0, c1 in zip(self.offsets[:-1], self.offsets[1:])
-        ]
+        bounds = list(zip(self.offsets[:-1], self.offsets[1:]))
+        weights = [self.weight[s, c0:c1] for s in range(sets) for c0, c1 in bounds]
+        biases = [None if self.bias is None else self.bias[s, c0:c1] for s in range(sets) for c0, c1 in bounds]
         per_task = dgr_penalty_per_task(
             features, weights, biases, targets * sets, [t.loss for t in self.tasks] * sets,
             masks=masks * sets, ignore_index=[t.ignore_index for t in self.tasks] * sets,
             reductions=[t.reduction for t in self.tasks] * sets, backend=self.backend,
         )
-        return apply_norm(weighted_sum(per_task.view(sets, k), task_weights), self.norm).mean()
+        return per_task.view(sets, k)
 
     def get_extra_state(self) -> dict:
         return {"generator_state": self.generator.get_state()}

@@ -387,3 +387,13 @@ def test_torch_compile_traces_dummy_heads():
     want = penalty_and_grad(lambda features, **_: heads(features, t), {"features": z})
     got = penalty_and_grad(lambda features, **_: compiled(features, t), {"features": z})
     torch.testing.assert_close(got, want)
+
+
+def test_dummy_heads_per_task_splits_the_penalty():
+    heads = DummyHeads(6, TASKS, num_sets=2, seed=8)
+    z, t = torch.randn(2, 6, 4, 5), dense_targets()
+    per_task = heads.per_task(z, t)
+    assert per_task.shape == (3,)
+    torch.testing.assert_close(per_task.sum(), heads(z, t))
+    with pytest.raises(ValueError, match="norm='squared'"):
+        DummyHeads(6, TASKS, norm="l2").per_task(z, t)
