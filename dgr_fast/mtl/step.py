@@ -1,0 +1,146 @@
+"""`MTLStep`: one multi-task training step composing a loss weighting or a gradient aggregator with DGR.
+
+The DGR authors' code adds the penalty's gradient to the encoder gradient *after* each method's own gradient; this
+object does that in one call, for any optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from dgr_fast.dummy_heads import DummyHeads
+from dgr_fast.mtl.aggregators import Aggregator
+from dgr_fast.mtl.grads import MODES, _check_losses, _per_task_grads
+from dgr_fast.mtl.weightings import EqualWeighting, Weighting
+from dgr_fast.optim.adatask import AdaTask
+
+
+class MTLStep:
+    """One training step of hard parameter sharing: fills every ``.grad``, then steps the optimizer.
+
+    Three kinds of method:
+
+    - a loss ``weighting`` (equal, DWA, uncertainty, RLW): one backward of ``weighting(losses) + lambda R``;
+    - a gradient ``aggregator`` (PCGrad, CAGrad, IMTL-G, MGDA, GradDrop, Nash-MTL): per-task gradients ``G [K, P]``
+      of the shared parameters, shared ``.grad = aggregator(G) + lambda dR/dtheta``, and each head's ``.grad`` the
+      gradient of ``sum_k L_k``. The penalty's gradient rides along as one more row of the same per-task
+      computation (one more backward in ``grad_mode="loop"``, one more row of the batched VJP in ``"batched"``);
+    - an ``AdaTask`` optimizer: per-task gradients go to its per-task moments; DGR's penalty splits over tasks
+      (``R = sum_k R_k``), so task k's loss becomes ``w_k L_k + lambda R_k``.
+
+    Args:
+        shared_params: the encoder's parameters (for ``AdaTask``, the optimizer's shared parameters are used).
+        task_params: the task heads' parameters.
+        optimizer: any ``torch.optim.Optimizer`` over both (plus a learnable weighting's parameters), or ``AdaTask``.
+        weighting / aggregator: at most one; neither means equal weighting.
+        dummy_heads: ``DummyHeads`` for DGR (``None``: no penalty); ``dgr_lambda``: its weight lambda.
+        grad_mode, chunk_size: how per-task gradients are taken (see ``dgr_fast.mtl.per_task_grads``).
+    """
+
+    def __init__(
+        self,
+        shared_params: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        weighting: Weighting | None = None,
+        aggregator: Aggregator | None = None,
+        dummy_heads: DummyHeads | None = None,
+        dgr_lambda: float = 0.0,
+        grad_mode: str = "loop",
+        chunk_size: int | None = None,
+    ) -> None:
+        if weighting is not None and aggregator is not None:
+            raise ValueError("give a weighting or an aggregator, not both")
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(f"aggregator must be a dgr_fast.mtl.aggregators.Aggregator, got {type(aggregator).__name__}")
+        if weighting is not None and not isinstance(weighting, Weighting):
+            raise TypeError(f"weighting must be a dgr_fast.mtl.weightings.Weighting, got {type(weighting).__name__}")
+        if isinstance(optimizer, AdaTask) and aggregator is not None:
+            raise ValueError("AdaTask balances tasks through its per-task moments; it takes no aggregator")
+        if dummy_heads is not None and not isinstance(dummy_heads, DummyHeads):
+            raise TypeError(f"dummy_heads must be a DummyHeads, got {type(dummy_heads).__name__}")
+        if not (isinstance(dgr_lambda, (int, float)) and dgr_lambda >= 0):
+            raise ValueError(f"dgr_lambda must be a number >= 0, got {dgr_lambda!r}")
+        if grad_mode not in MODES:
+            raise ValueError(f"grad_mode must be one of {MODES}, got {grad_mode!r}")
+        self.shared_params = [p for p in shared_params]
+        self.task_params = [p for p in task_params]
+        if not self.shared_params:
+            raise ValueError("shared_params is empty")
+        self.optimizer, self.aggregator = optimizer, aggregator
+        self.weighting = weighting if weighting is not None or aggregator is not None else EqualWeighting()
+        self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
+        self.grad_mode, self.chunk_size = grad_mode, chunk_size
+
+    def step(
+        self,
+        losses: Sequence[Tensor] | Tensor,
+        *,
+        features: Tensor | None = None,
+        dgr_targets: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
+        dgr_masks: Sequence[Tensor | None] | Mapping[str, Tensor] | None = None,
+        dgr_task_weights: Sequence[float] | Tensor | None = None,
+    ) -> dict[str, Tensor | None]:
+        """Zero the gradients, fill them, step the optimizer.
+
+        Args:
+            losses: the K task losses (scalars sharing one graph).
+            features: the shared features every head reads: needed for DGR and for ``grad_mode="batched"``.
+            dgr_targets / dgr_masks: the dummy heads' targets and masks (as ``DummyHeads`` takes them).
+            dgr_task_weights: weights of the task losses inside the penalty (default 1; the official UTKFace run
+                with DWA weights them).
+        Returns:
+            ``{"losses": [K], "weights": [K] (AdaTask) or None, "penalty": 0-dim or None}``, detached, for logging.
+        """
+        losses = _check_losses(losses)
+        use_dgr = self.dummy_heads is not None and self.dgr_lambda > 0
+        if use_dgr and (features is None or dgr_targets is None):
+            raise ValueError("DGR needs features= and dgr_targets=")
+        self.optimizer.zero_grad()
+        vec = torch.stack(losses)
+        weights = None
+        if isinstance(self.optimizer, AdaTask):
+            weights = self.weighting.weights(vec)  # once per step: RLW draws and DWA records on each call
+            penalty = self._adatask(vec * weights, features, dgr_targets, dgr_masks, dgr_task_weights, use_dgr)
+        else:
+            penalty = self._penalty(features, dgr_targets, dgr_masks, dgr_task_weights) if use_dgr else None
+            if self.aggregator is None:
+                total = self.weighting(vec)
+                (total if penalty is None else total + self.dgr_lambda * penalty).backward()
+            else:
+                self._aggregate(losses, penalty, features)
+        self.optimizer.step()
+        return {"losses": vec.detach(), "weights": None if weights is None else weights.detach(),
+                "penalty": None if penalty is None else penalty.detach()}
+
+    def _penalty(self, features, targets, masks, task_weights) -> Tensor:
+        return self.dummy_heads(features, targets, masks=masks, task_weights=task_weights)
+
+    def _adatask(self, task_losses, features, targets, masks, task_weights, use_dgr) -> Tensor | None:
+        penalty = None
+        if use_dgr:
+            per_task = self.dummy_heads.per_task(features, targets, masks=masks)
+            if task_weights is not None:
+                per_task = per_task * torch.as_tensor(task_weights, dtype=per_task.dtype, device=per_task.device) ** 2
+            task_losses = task_losses + self.dgr_lambda * per_task
+            penalty = per_task.sum()
+        self.optimizer.backward(task_losses, features=features, mode=self.grad_mode, chunk_size=self.chunk_size)
+        return penalty
+
+    def _aggregate(self, losses: list[Tensor], penalty: Tensor | None, features: Tensor | None) -> None:
+        rows = losses if penalty is None else losses + [self.dgr_lambda * penalty]
+        shared = [p for p in self.shared_params if p.requires_grad]
+        heads = [p for p in self.task_params if p.requires_grad]
+        grads, head_grads = _per_task_grads(rows, shared, features, self.grad_mode, False, self.chunk_size, heads)
+        k = len(losses)
+        update = self.aggregator(grads[:k], torch.stack([loss.detach() for loss in losses]))
+        if penalty is not None:
+            update = update + grads[k]  # after the method's own gradient, as the DGR authors' code
+        for p, g in zip(shared, update.split([p.numel() for p in shared])):
+            p.grad = g.view_as(p).to(p.dtype)
+        for p, g in zip(heads, head_grads):
+            p.grad = g.to(p.dtype)

@@ -1,0 +1,140 @@
+"""MTLStep: each composition equals the step written by hand on a tiny model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgr_fast import AdaTask, DummyHeads, DummyTask
+from dgr_fast.mtl.aggregators import IMTLG, MGDA, CAGrad, Mean
+from dgr_fast.mtl.step import MTLStep
+from dgr_fast.mtl.weightings import DWA, EqualWeighting, UncertaintyWeighting
+
+TASKS = [DummyTask("ce", 3), DummyTask("mse", 1), DummyTask("bce", 2)]
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh()).double()
+    heads = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 1), nn.Linear(8, 2)]).double()
+    x = torch.randn(13, 5, dtype=torch.float64)
+    targets = [torch.randint(0, 3, (13,)), torch.randn(13, 1, dtype=torch.float64), torch.rand(13, 2, dtype=torch.float64)]
+    dummy = DummyHeads(8, TASKS, seed=seed, dtype=torch.float64)
+    return encoder, heads, x, targets, dummy
+
+
+def forward(encoder, heads, x, targets):
+    z = encoder(x)
+    out = [h(z) for h in heads]
+    losses = [F.cross_entropy(out[0], targets[0]), F.mse_loss(out[1], targets[1]), F.binary_cross_entropy_with_logits(out[2], targets[2])]
+    return z, losses
+
+
+def grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def frozen_sgd(params):
+    return torch.optim.SGD(params, lr=0.0)  # keeps the parameters, so .grad can be compared after step()
+
+
+@pytest.mark.parametrize("weighting", [EqualWeighting(), UncertaintyWeighting(3, init=0.3)])
+def test_weighting_with_dgr_is_one_backward_of_the_total(weighting):
+    encoder, heads, x, targets, dummy = tiny()
+    params = [*encoder.parameters(), *heads.parameters(), *weighting.parameters()]
+    step = MTLStep(list(encoder.parameters()), list(heads.parameters()), frozen_sgd(params), weighting=weighting, dummy_heads=dummy, dgr_lambda=0.3)
+    z, losses = forward(encoder, heads, x, targets)
+    info = step.step(losses, features=z, dgr_targets=targets)
+    got = grads(params)
+    for p in params:
+        p.grad = None
+    z, losses = forward(encoder, heads, x, targets)
+    (weighting(torch.stack(losses)) + 0.3 * dummy(z, targets)).backward()
+    for a, b in zip(got, grads(params)):
+        torch.testing.assert_close(a, b)
+    assert info["penalty"] > 0
+
+
+@pytest.mark.parametrize("aggregator", [Mean(), IMTLG(), MGDA(), CAGrad(c=0.4)])
+@pytest.mark.parametrize("grad_mode", ["loop", "batched"])
+def test_aggregator_with_dgr_adds_lambda_dr_after_aggregation(aggregator, grad_mode):
+    encoder, heads, x, targets, dummy = tiny(1)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    step = MTLStep(shared, head_params, frozen_sgd(shared + head_params), aggregator=aggregator, dummy_heads=dummy, dgr_lambda=0.7, grad_mode=grad_mode)
+    z, losses = forward(encoder, heads, x, targets)
+    step.step(losses, features=z, dgr_targets=targets)
+    got_shared, got_heads = grads(shared), grads(head_params)
+
+    z, losses = forward(encoder, heads, x, targets)
+    G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses])
+    dgr = torch.autograd.grad(0.7 * dummy(z, targets), shared, retain_graph=True)
+    update = aggregator(G, torch.stack(losses).detach())
+    want_shared = [u.view_as(p) + d for u, p, d in zip(update.split([p.numel() for p in shared]), shared, dgr)]
+    want_heads = torch.autograd.grad(sum(losses), head_params)
+    for a, b in zip(got_shared + got_heads, want_shared + list(want_heads)):
+        torch.testing.assert_close(a, b)
+
+
+def test_dgr_adds_exactly_lambda_dr_dtheta():
+    results = []
+    for lam in (0.0, 0.5):
+        encoder, heads, x, targets, dummy = tiny(2)
+        shared = list(encoder.parameters())
+        step = MTLStep(shared, list(heads.parameters()), frozen_sgd(shared + list(heads.parameters())), aggregator=IMTLG(), dummy_heads=dummy, dgr_lambda=lam)
+        z, losses = forward(encoder, heads, x, targets)
+        step.step(losses, features=z, dgr_targets=targets)
+        results.append(grads(shared))
+    encoder, heads, x, targets, dummy = tiny(2)
+    z, _ = forward(encoder, heads, x, targets)
+    dr = torch.autograd.grad(dummy(z, targets), list(encoder.parameters()))
+    for without, with_, d in zip(*results, dr):
+        torch.testing.assert_close(with_ - without, 0.5 * d)
+
+
+def test_adatask_takes_each_tasks_share_of_the_penalty():
+    encoder, heads, x, targets, dummy = tiny(3)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    opt = AdaTask(shared, num_tasks=3, task_params=head_params, lr=1e-2, backend="torch")
+    step = MTLStep(shared, head_params, opt, dummy_heads=dummy, dgr_lambda=0.2)
+    z, losses = forward(encoder, heads, x, targets)
+    step.step(losses, features=z, dgr_targets=targets)
+    got = [p.detach().clone() for p in shared + head_params]
+
+    encoder, heads, x, targets, dummy = tiny(3)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    opt = AdaTask(shared, num_tasks=3, task_params=head_params, lr=1e-2, backend="torch")
+    z, losses = forward(encoder, heads, x, targets)
+    opt.zero_grad()
+    opt.backward(torch.stack(losses) + 0.2 * dummy.per_task(z, targets))
+    opt.step()
+    for a, b in zip(got, shared + head_params):
+        torch.testing.assert_close(a, b.detach())
+
+
+def test_dwa_weights_are_recorded_once_per_step():
+    encoder, heads, x, targets, dummy = tiny(4)
+    dwa = DWA()
+    params = [*encoder.parameters(), *heads.parameters()]
+    step = MTLStep(list(encoder.parameters()), list(heads.parameters()), torch.optim.SGD(params, lr=0.01), weighting=dwa)
+    for _ in range(3):
+        _, losses = forward(encoder, heads, x, targets)
+        step.step(losses)
+    assert dwa._epoch_batches == 3
+
+
+def test_bad_arguments():
+    encoder, heads, x, targets, dummy = tiny(5)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    opt = frozen_sgd(shared + head_params)
+    with pytest.raises(ValueError, match="not both"):
+        MTLStep(shared, head_params, opt, weighting=EqualWeighting(), aggregator=Mean())
+    with pytest.raises(ValueError, match="no aggregator"):
+        MTLStep(shared, head_params, AdaTask(shared, num_tasks=3), aggregator=Mean())
+    with pytest.raises(ValueError, match="grad_mode"):
+        MTLStep(shared, head_params, opt, grad_mode="vmap")
+    with pytest.raises(ValueError, match="dgr_lambda"):
+        MTLStep(shared, head_params, opt, dgr_lambda=-1.0)
+    step = MTLStep(shared, head_params, opt, dummy_heads=dummy, dgr_lambda=0.1)
+    _, losses = forward(encoder, heads, x, targets)
+    with pytest.raises(ValueError, match="features= and dgr_targets="):
+        step.step(losses)
