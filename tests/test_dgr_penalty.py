@@ -397,3 +397,11 @@ def test_dummy_heads_per_task_splits_the_penalty():
     torch.testing.assert_close(per_task.sum(), heads(z, t))
     with pytest.raises(ValueError, match="norm='squared'"):
         DummyHeads(6, TASKS, norm="l2").per_task(z, t)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3, 4), (2, 5, 0, 4)])
+def test_empty_batch_gives_zero(shape):
+    case = make_case(shape, seed=19)
+    for backend in ["reference", "torch"]:
+        value, grad = penalty_and_grad(dgr_penalty, case, backend=backend)
+        assert value == 0 and grad.shape == case["features"].shape

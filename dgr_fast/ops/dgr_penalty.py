@@ -170,7 +170,7 @@ def pack(features, weights, biases, targets, losses, masks, ignore_index, reduct
             valid = valid & (y != ignore_index[k])
             ys.append(torch.where(valid, y, 0).to(acc).unsqueeze(1))
         else:
-            ys.append(y.to(acc).reshape(z3.shape[0], w.shape[0], -1).transpose(1, 2).reshape(rows, w.shape[0]))
+            ys.append(y.to(acc).reshape(z3.shape[0], w.shape[0], z3.shape[2]).transpose(1, 2).reshape(rows, w.shape[0]))
         count = valid.sum() * (w.shape[0] if loss != "ce" and reductions[k] == "mean" else 1)
         omegas.append(valid.to(acc) / count.clamp_min(1).to(acc))
         codes.append(LOSS_CODES[loss])
@@ -228,7 +228,7 @@ def _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets,
     z = z3.to(weight.dtype)
     s = _head_rows(z, weight) + bias
     r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
-    g_w = torch.matmul(r.view(z.shape[0], -1, r.shape[1]).transpose(1, 2), z.transpose(1, 2)).sum(0)
+    g_w = torch.matmul(r.view(z.shape[0], z.shape[2], r.shape[1]).transpose(1, 2), z.transpose(1, 2)).sum(0)
     return g_w, r.sum(0) * bias_mask
 
 
@@ -240,7 +240,7 @@ def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_off
     s, u = s_u[:, :c] + bias, 2 * (s_u[:, c:] + gt_b)
     r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
     hu = _residual_rows(s, y, omega, losses, col_offsets, y_offsets, u=u)
-    rhs = torch.cat([r, hu], 1).view(z.shape[0], -1, 2 * c)  # [B, P, 2C]
+    rhs = torch.cat([r, hu], 1).view(z.shape[0], z.shape[2], 2 * c)  # [B, P, 2C]
     return torch.matmul(torch.cat([2 * gt_w, weight]).transpose(0, 1), rhs.transpose(1, 2)).to(z3.dtype)
 
 
