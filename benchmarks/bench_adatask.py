@@ -1,0 +1,251 @@
+"""Benchmark the AdaTask step and per-task gradients.
+
+Step: time per step and achieved bandwidth for each provider, against the byte floor (bytes read and written once,
+over the copy bandwidth measured in the same run; ``x inpl`` uses an in-place ``mul_`` instead, which like the step
+pays no read-for-ownership on its writes):
+
+- ``loop``: the authors'-style step, task by task and tensor by tensor with in-place torch ops (as their code does);
+- ``torch``: the foreach backend; ``cpp``, ``triton``, ``cuda``: the fused backends available here.
+
+Shapes: P from 1M up (split into 8 tensors), K in 2, 3, 8, 40; and the parameter shapes of a ResNet-18 trunk
+(11.2M parameters in 60 tensors) with K = 4. Per-task gradients: loop vs batched on a small conv encoder.
+
+    python benchmarks/bench_adatask.py [--quick] [--max-gib 6]
+
+Prints a table and writes CSV files to benchmarks/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import dgr_fast
+from dgr_fast import AdaTask
+from dgr_fast.backends import backend_status
+from dgr_fast.mtl import per_task_grads
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
+def resnet18_trunk_shapes() -> list[tuple[int, ...]]:
+    """conv1, bn1 and layer1..layer4 of torchvision's resnet18 (no fc): 60 tensors, 11,176,512 parameters."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            ci = cin if block == 0 else cout
+            shapes += [(cout, ci, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and (stride != 1 or ci != cout):
+                shapes += [(cout, ci, 1, 1), (cout,), (cout,)]
+        cin = cout
+    return shapes
+
+
+def synthetic_shapes(total: int, pieces: int = 8) -> list[tuple[int, ...]]:
+    base = total // pieces
+    return [(base,)] * (pieces - 1) + [(total - base * (pieces - 1),)]
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+        def run(fn, reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(reps):
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return statistics.median(times)
+    else:
+        def run(fn, reps):
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return statistics.median(times)
+    return run
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Bytes per second of a large copy_ (counted as one read and one write)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    run = timer(device)
+    dst.copy_(src)
+    return 2 * nbytes / run(lambda: dst.copy_(src), reps)
+
+
+def inplace_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Bytes per second of an in-place ``mul_`` over a large buffer (one read and one write). Unlike ``copy_`` it
+    pays no read-for-ownership on the destination, like the AdaTask step, whose writes all go to data it just read."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    run = timer(device)
+    x.mul_(1.0)
+    return 2 * nbytes / run(lambda: x.mul_(1.0), reps)
+
+
+class AuthorsLoop:
+    """The per-task step as the authors' code writes it: for each parameter, for each task, in-place Adam ops."""
+
+    def __init__(self, params, K, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.K, self.lr, self.betas, self.eps = params, K, lr, betas, eps
+        self.m = [torch.zeros(K, *p.shape, device=p.device) for p in params]
+        self.v = [torch.zeros(K, *p.shape, device=p.device) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, task_grads):
+        self.t += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1**self.t)
+        bc2_sqrt = (1 - b2**self.t) ** 0.5
+        for p, g, m, v in zip(self.params, task_grads, self.m, self.v):
+            for k in range(self.K):
+                m[k].mul_(b1).add_(g[k], alpha=1 - b1)
+                v[k].mul_(b2).addcmul_(g[k], g[k], value=1 - b2)
+                denom = (v[k].sqrt() / bc2_sqrt).add_(self.eps)
+                p.addcdiv_(m[k], denom, value=-step_size)
+
+
+def providers(device: torch.device) -> list[str]:
+    names = ["loop", "torch"]
+    for b in ("cpp", "triton", "cuda"):
+        if backend_status(b).available and (b != "triton" or device.type == "cuda") and (b == "cpp") == (device.type == "cpu"):
+            names.append(b)
+    return names
+
+
+def bench_step(shapes, K, provider, device, reps):
+    params = [torch.randn(s, device=device) for s in shapes]
+    P = sum(p.numel() for p in params)
+    flat = torch.randn(K, P, device=device) * 1e-2
+    if provider == "loop":
+        views, off = [], 0
+        for p in params:
+            views.append(flat[:, off : off + p.numel()].view(K, *p.shape))
+            off += p.numel()
+        opt = AuthorsLoop(params, K)
+        fn = lambda: opt.step(views)  # noqa: E731
+    else:
+        opt = AdaTask(params, K, lr=1e-3, backend=provider)
+        fn = lambda: opt.step(task_grads=flat)  # noqa: E731
+    fn()
+    seconds = timer(device)(fn, reps)
+    del opt, flat, params
+    return seconds, P
+
+
+def step_bytes(P: int, K: int, param_bytes: int = 4, grad_bytes: int = 4) -> int:
+    # θ read + written, K gradients read, 2K fp32 moments read + written.
+    return P * (2 * param_bytes + K * grad_bytes + 2 * 2 * K * 4)
+
+
+def bench_grads(device, K, mode, reps, batch=32):
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+    ).to(device)  # fmt: skip
+    heads = torch.nn.ModuleList([torch.nn.Conv2d(128, 4, 1) for _ in range(K)]).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    params = list(enc.parameters())
+
+    def fn():
+        z = enc(x)
+        losses = [h(z).square().mean() for h in heads]
+        per_task_grads(losses, params, features=z if mode == "batched" else None, mode=mode)
+
+    fn()
+    return timer(device)(fn, reps), sum(p.numel() for p in params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="P = 1M only, K = 2 and 8, fewer repetitions")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-gib", type=float, default=6.0, help="skip shapes whose tensors exceed this many GiB")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--resnet-only", action="store_true", help="only the ResNet-18 trunk step (and no gradient cost)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    reps = args.reps or (3 if args.quick else 7)
+    sizes = [1 << 20] if args.quick else [1 << 20, 4 << 20, 16 << 20]
+    if device.type == "cuda":
+        sizes += [] if args.quick else [64 << 20, 100 << 20]
+    tasks = [2, 8] if args.quick else [2, 3, 8, 40]
+    os.makedirs(OUT, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    copy_size = 256 << 20 if device.type == "cpu" else 2 << 30
+    bw = copy_bandwidth(device, copy_size, reps)
+    print(f"# dgr_fast {dgr_fast.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"device {device}, threads {torch.get_num_threads()}, {datetime.date.today()}")  # fmt: skip
+    print(f"# copy bandwidth (copy_ of {copy_size >> 20} MiB, read + write): {bw / 1e9:.2f} GB/s at start; "
+          "re-measured before every case, whose floor uses its own measurement")  # fmt: skip
+    rows = []
+    cases = [] if args.resnet_only else [(f"P={P >> 20}M", synthetic_shapes(P), K) for P in sizes for K in tasks]
+    cases.append(("resnet18-trunk", resnet18_trunk_shapes(), 4))
+    header = f"{'case':>16} {'K':>3} {'provider':>8} {'ms/step':>10} {'GB/s':>7} {'copy GB/s':>9} {'floor ms':>9} {'x floor':>8} {'x inpl':>7} {'vs loop':>8}"
+    print(header)
+    for name, shapes, K in cases:
+        P = sum(torch.Size(s).numel() for s in shapes)
+        nbytes = step_bytes(P, K)
+        if P * (1 + 3 * K) * 4 > args.max_gib * 2**30:
+            print(f"{name:>16} {K:>3}  skipped: needs more than {args.max_gib} GiB")
+            continue
+        # Measured again next to each case: on a shared machine the bandwidth drifts over a run.
+        bw = copy_bandwidth(device, copy_size, reps)
+        bw_inplace = inplace_bandwidth(device, copy_size, reps)
+        floor = nbytes / bw
+        loop_s = None
+        for prov in providers(device):
+            s, _ = bench_step(shapes, K, prov, device, reps)
+            loop_s = s if prov == "loop" else loop_s
+            row = dict(case=name, P=P, K=K, provider=prov, ms=s * 1e3, gbps=nbytes / s / 1e9, copy_gbps=bw / 1e9,
+                       inplace_gbps=bw_inplace / 1e9, floor_ms=floor * 1e3, x_inplace_floor=s * bw_inplace / nbytes,
+                       x_floor=s / floor, speedup_vs_loop=loop_s / s if loop_s else float("nan"))  # fmt: skip
+            rows.append(row)
+            print(f"{name:>16} {K:>3} {prov:>8} {row['ms']:>10.2f} {row['gbps']:>7.2f} {row['copy_gbps']:>9.2f} {row['floor_ms']:>9.2f} "
+                  f"{row['x_floor']:>8.2f} {row['x_inplace_floor']:>7.2f} {row['speedup_vs_loop']:>8.2f}")  # fmt: skip
+    path = os.path.join(OUT, f"adatask_step_{device.type}_{stamp}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# wrote {path}")
+    if args.resnet_only:
+        return
+
+    print("\n# per-task gradients of a 4-conv encoder (batch 32, 32x32), forward included")
+    grows = []
+    print(f"{'K':>3} {'mode':>8} {'ms':>10} {'vs loop':>8}")
+    for K in ([4] if args.quick else [2, 4, 8]):
+        loop_s = None
+        for mode in ("loop", "batched"):
+            s, P = bench_grads(device, K, mode, reps)
+            loop_s = s if mode == "loop" else loop_s
+            grows.append(dict(K=K, mode=mode, P=P, ms=s * 1e3, speedup_vs_loop=loop_s / s))
+            print(f"{K:>3} {mode:>8} {s * 1e3:>10.2f} {loop_s / s:>8.2f}")
+    path = os.path.join(OUT, f"adatask_grads_{device.type}_{stamp}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(grows[0]))
+        w.writeheader()
+        w.writerows(grows)
+    print(f"# wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

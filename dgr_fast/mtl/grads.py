@@ -1,0 +1,156 @@
+"""Per-task gradients of shared parameters (DESIGN.md section 5), reused by AdaTask, the aggregators and task-SAM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MODES: tuple[str, ...] = ("loop", "batched")
+
+
+def _check_losses(losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(losses, torch.Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"losses: a tensor of losses must be 1-D [num_tasks], got shape {list(losses.shape)}")
+        out = list(losses.unbind())
+    else:
+        out = list(losses)
+        for i, loss in enumerate(out):
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"losses[{i}] must be a tensor, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(f"losses[{i}] must be a scalar, got shape {list(loss.shape)}")
+    if not out:
+        raise ValueError("losses is empty")
+    return [loss.reshape(()) for loss in out]
+
+
+def _check_params(params: Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{name} must be a sequence of tensors, got a single tensor")
+    out = list(params)
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(f"{name}[{i}] does not require grad")
+    return out
+
+
+def _out_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    dtypes = {p.dtype for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _per_task_grads(
+    losses: list[torch.Tensor],
+    params: list[torch.Tensor],
+    features: torch.Tensor | None,
+    mode: str,
+    retain_graph: bool,
+    chunk_size: int | None,
+    extra_params: list[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``per_task_grads`` plus, in the same backward passes, the gradient of ``sum(losses)`` w.r.t. ``extra_params``
+    (AdaTask's task-specific parameters). Arguments are checked by the caller except ``features``/``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not params:
+        raise ValueError("params is empty")
+    K = len(losses)
+    sizes = [p.numel() for p in params]
+    device = params[0].device
+    for i, p in enumerate(params):
+        if p.device != device:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}")
+    out = torch.empty(K, sum(sizes), dtype=_out_dtype(params), device=device)
+    extra_sum = [torch.zeros_like(p) for p in extra_params]
+
+    def write(k: int, grads: Sequence[torch.Tensor | None]) -> None:
+        for piece, g in zip(out[k].split(sizes), grads):
+            if g is None:  # the parameter does not reach this loss: its gradient is zero, as autograd's would be
+                piece.zero_()
+            else:
+                piece.copy_(g.reshape(-1))
+
+    if mode == "loop":
+        inputs = params + extra_params
+        for k, loss in enumerate(losses):
+            if not loss.requires_grad:
+                out[k].zero_()
+                continue
+            keep = retain_graph or any(later.requires_grad for later in losses[k + 1 :])
+            grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+            write(k, grads[: len(params)])
+            for acc, g in zip(extra_sum, grads[len(params) :]):
+                if g is not None:
+                    acc.add_(g)
+        return out, extra_sum
+
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a tensor when mode='batched', got {type(features).__name__}")
+    if not features.requires_grad:
+        raise ValueError("features does not require grad: it must be computed from params (mode='batched')")
+    # dL_k/dfeatures for every task: K small backward passes through the heads only (the extra parameters ride along).
+    dz = torch.zeros(K, *features.shape, dtype=features.dtype, device=features.device)
+    for k, loss in enumerate(losses):
+        if not loss.requires_grad:
+            continue
+        grads = torch.autograd.grad(loss, [features] + extra_params, retain_graph=True, allow_unused=True)
+        if grads[0] is not None:
+            dz[k] = grads[0]
+        for acc, g in zip(extra_sum, grads[1:]):
+            if g is not None:
+                acc.add_(g)
+    step = K if chunk_size is None else chunk_size
+    for start in range(0, K, step):
+        stop = min(K, start + step)
+        last = stop == K
+        grads = torch.autograd.grad(
+            features,
+            params,
+            grad_outputs=dz[start:stop],
+            retain_graph=retain_graph or not last,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        for piece, g in zip(out[start:stop].split(sizes, dim=1), grads):
+            if g is None:
+                piece.zero_()
+            else:
+                piece.copy_(g.reshape(stop - start, -1))
+    return out, extra_sum
+
+
+def per_task_grads(
+    losses: Sequence[torch.Tensor] | torch.Tensor,
+    params: Sequence[torch.Tensor],
+    features: torch.Tensor | None = None,
+    mode: str = "loop",
+    retain_graph: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Gradient of every task's loss w.r.t. ``params``, as one ``[K, P]`` tensor.
+
+    Args:
+        losses: K scalar losses (a sequence, or a ``[K]`` tensor) sharing one autograd graph.
+        params: tensors that require grad; P = their total number of elements. Row k of the result is
+            ``cat([dL_k/dp.flatten() for p in params])``; a parameter a loss does not reach gets zeros.
+        features: ``mode="batched"`` only: the tensor every task's head reads (e.g. ``[B, D]`` or ``[B, C, H, W]``).
+            The losses must depend on ``params`` only through it.
+        mode: ``"loop"``: K backward passes (what the AdaTask authors' code does). ``"batched"``: K small passes from
+            each loss to ``features``, then one batched vector-Jacobian product through the encoder with the K
+            stacked ``dL_k/dfeatures`` (``torch.autograd.grad(..., is_grads_batched=True)``).
+        retain_graph: keep the graph after the last pass (to call backward again).
+        chunk_size: ``mode="batched"``: at most this many tasks per batched pass, to bound memory.
+
+    Returns:
+        ``[K, P]``, the dtype of ``params`` (fp32 if they differ), on their device.
+    """
+    loss_list = _check_losses(losses)
+    param_list = _check_params(params, "params")
+    out, _ = _per_task_grads(loss_list, param_list, features, mode, retain_graph, chunk_size, [])
+    return out
