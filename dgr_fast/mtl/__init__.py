@@ -15,7 +15,9 @@ from dgr_fast.mtl.aggregators import (
 )
 from dgr_fast.mtl.grads import per_task_grads
 from dgr_fast.mtl.meta import MetaMTL
+from dgr_fast.mtl.methods import METHODS, make_method
 from dgr_fast.mtl.sam import TaskSAM
+from dgr_fast.mtl.step import MTLStep
 from dgr_fast.mtl.weightings import DWA, RLW, EqualWeighting, UncertaintyWeighting, Weighting
 
 __all__ = [
@@ -37,4 +39,7 @@ __all__ = [
     "RLW",
     "TaskSAM",
     "MetaMTL",
+    "MTLStep",
+    "METHODS",
+    "make_method",
 ]

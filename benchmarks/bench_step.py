@@ -1,0 +1,172 @@
+"""Benchmark one training step per MTL method, with and without DGR.
+
+    python benchmarks/bench_step.py [--device cpu|cuda] [--quick] [--out DIR]
+
+A small convolutional encoder (features [B, 64, H, W]) with three dense tasks (segmentation 13 classes with
+ignore_index, depth and normals with masked L1), K = 3. For every method: the median step time without DGR, and
+with DGR computed by the fused backend (`cpp` on CPU, `cuda`/`triton` on GPU), by the `torch` closed form, by
+autograd double backward (`reference`), and, for equal weighting, by the authors' finite-difference estimate. The
+DGR overhead is the extra time over the same method without it. Writes ``step_<device>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import dgr_fast  # noqa: E402
+from dgr_fast import AdaTask, DummyHeads, DummyTask  # noqa: E402
+from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
+from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
+from dgr_fast.mtl.step import MTLStep  # noqa: E402
+from dgr_fast.reference import finite_difference_features_grad, task_loss  # noqa: E402
+
+TASKS = {"seg": DummyTask("ce", 13, ignore_index=-1), "depth": DummyTask("l1", 1, reduction="row_mean"),
+         "normal": DummyTask("l1", 3, reduction="row_mean")}
+
+
+class Model(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, width, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Conv2d(width, t.out_features, 1) for name, t in TASKS.items()})
+
+    def forward(self, x, seg, depth, normal, valid):
+        z = self.encoder(x)
+        out = {name: head(z) for name, head in self.heads.items()}
+        losses = [F.cross_entropy(out["seg"], seg, ignore_index=-1),
+                  (out["depth"] - depth).abs().sum(1)[valid].mean(),
+                  (out["normal"] - normal).abs().sum(1)[valid].mean()]
+        return z, losses
+
+
+def batch(b, h, w, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, h, w, generator=g)
+    seg = torch.randint(-1, 13, (b, h, w), generator=g)
+    depth, normal = torch.rand(b, 1, h, w, generator=g), torch.randn(b, 3, h, w, generator=g)
+    valid = depth[:, 0] > 0.1
+    return [t.to(device) for t in (x, seg, depth, normal, valid)]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, reps):
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(method: str, dgr: str | None, device: str, lam: float):
+    torch.manual_seed(0)
+    model = Model().to(device)
+    shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
+    dummy = None if dgr in (None, "fd") else DummyHeads(64, TASKS, seed=0, backend=dgr, device=device)
+    if method == "adatask":
+        opt = AdaTask(shared, num_tasks=3, task_params=heads, lr=1e-4)
+        return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam)
+    m = make_method(method, 3)
+    extra = []
+    if isinstance(m, nn.Module):  # a weighting: it may have parameters (uncertainty weighting's log-variances)
+        m = m.to(device)
+        extra = list(m.parameters())
+    opt = torch.optim.SGD(shared + heads + extra, lr=1e-3, momentum=0.9)
+    kind = {"aggregator": m} if isinstance(m, Aggregator) else {"weighting": m}
+    return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, **kind)
+
+
+def fd_step(model, opt_step: MTLStep, data, lam, dummy: DummyHeads):
+    """Equal weighting + DGR through the authors' finite-difference estimate of the encoder gradient."""
+    x, seg, depth, normal, valid = data
+    z, losses = model(x, seg, depth, normal, valid)
+    opt_step.optimizer.zero_grad()
+    sum(losses).backward(retain_graph=True)
+    heads = [nn.Conv2d(64, t.out_features, 1).to(x.device) for t in TASKS.values()]
+    with torch.no_grad():
+        for head, (c0, c1) in zip(heads, zip(dummy.offsets[:-1], dummy.offsets[1:])):
+            head.weight.copy_(dummy.weight[0, c0:c1, :, None, None])
+            head.bias.copy_(dummy.bias[0, c0:c1])
+    loss_fns = [lambda s: task_loss(s, seg, "ce", ignore_index=-1),
+                lambda s: task_loss(s, depth, "l1", mask=valid, reduction="row_mean"),
+                lambda s: task_loss(s, normal, "l1", mask=valid, reduction="row_mean")]
+    _, dz = finite_difference_features_grad(z, heads, loss_fns, h=1e-3)
+    z.backward(lam * dz)
+    opt_step.optimizer.step()
+
+
+def run(args):
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    fused = {"cpu": "cpp", "cuda": "cuda"}[device]
+    status = dgr_fast.available_backends()
+    data = batch(args.batch, args.height, args.width, device)
+    methods = ["ew", "pcgrad", "adatask"] if args.quick else list(METHODS) + ["adatask"]
+    rows = []
+    for method in methods:
+        base = None
+        for dgr in [None, fused, "torch", "reference", "fd"]:
+            if dgr == "fd" and method != "ew":
+                continue
+            if dgr in ("cpp", "cuda", "triton") and not status[dgr].available:
+                print(f"  skip {dgr}: {status[dgr].reason}")
+                continue
+            model, step = build(method, dgr, device, args.dgr_lambda)
+            if dgr == "fd":
+                dummy = DummyHeads(64, TASKS, seed=0, device=device)
+                fn = lambda: fd_step(model, step, data, args.dgr_lambda, dummy)  # noqa: E731
+            else:
+                def fn():
+                    z, losses = model(*data)
+                    targets = {"seg": data[1], "depth": data[2], "normal": data[3]}
+                    masks = {"depth": data[4], "normal": data[4]}
+                    step.step(losses, features=z, dgr_targets=targets if dgr else None, dgr_masks=masks if dgr else None)
+            t = median_time(fn, device, args.reps)
+            base = t if dgr is None else base
+            rows.append(dict(method=method, dgr=dgr or "none", ms=t * 1e3, overhead_pct=100 * (t / base - 1)))
+            print(f"{method:9s} dgr={dgr or 'none':9s} {t * 1e3:9.1f} ms  (+{100 * (t / base - 1):.1f}%)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dgr-lambda", type=float, default=0.1)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps = 2
+    rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"step_{args.device}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
