@@ -1,0 +1,851 @@
+// The `cpp` backend of dgr_fast.dgr_penalty: the two passes of DESIGN.md section 4 on CPU tensors.
+//
+// Matches dgr_fast/ops/dgr_penalty.py (build/KERNEL_SPEC.md is the contract):
+//   dgr_penalty_fwd == `_torch_gradients` before its bias mask: (G_W, G_b) = sum over rows of (r z^T, r);
+//   dgr_penalty_bwd == `_torch_features_grad`: dz = [2 Gt_W; W]^T [r; H u], with s and r recomputed;
+//   the per-loss functions below (`ce_columns` ...) are `_residual_rows`: r without u, and H u with it, one function
+//   per loss for both passes.
+// The same sums in a different order: rows are cut into tiles (up to 128 pixels of one image, or up to 64 rows);
+// per tile the logits are one small GEMM, the residuals are computed in place, and the tile's G contribution
+// (forward) or dz (backward) is a second GEMM. Columns of l1 tasks have H = 0: the backward leaves them out of
+// u and H u instead of multiplying by zero.
+//
+// Layouts, without a copy of z: a tile is read in place either as [D][n] (pixels contiguous: dense maps, a transposed
+// [N, D]) or as [n][D] (channels contiguous: [N, D] rows, channels_last maps). fp16/bf16 tiles and other strides are
+// converted or gathered into a per-thread buffer of one of those two forms. Accumulation is in fp32 (fp64 for fp64
+// inputs).
+//
+// Determinism: the forward cuts the tiles into blocks whose size depends on the shape only; each block sums into
+// its own partial (G_W, G_b), and the partials are added in block order: the result is the same for any number of
+// threads. The backward writes each row of dz from its own tile only.
+//
+// Instruction sets: the build carries no -march, so the kernels (the second half of this file) are compiled twice,
+// by including this file into itself: for AVX2+FMA with 32-byte vectors, and for the baseline with 16-byte vectors;
+// the copy is picked at run time. A function `target` attribute alone is not enough: GCC lowers the generic vector
+// code of the (baseline) helpers before inlining them, and the AVX2 copy then runs a third slower.
+//
+// at::parallel_for is only parallel when this file is compiled with -fopenmp (ATen's OpenMP backend is a header).
+#ifndef DGR_PENALTY_KERNELS
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#define DGR_INLINE inline __attribute__((always_inline))
+// The kernels pass vectors only between inlined functions: GCC's note about their ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace dgr_penalty_cpu {
+namespace {
+
+enum Loss : int64_t { kCe = 0, kBce = 1, kMse = 2, kL1 = 3 };
+
+// Tile buffers have rows of whole 32-byte vectors (enough for both copies of the kernels).
+constexpr int64_t kRowAlign = 32;
+// Tiles of about 32 KiB of z (one L1).
+constexpr int64_t kTileBytes = 32 * 1024;
+
+// The problem, normalised: z3 is read as B images of P rows; [N, D, 1] becomes one image of N rows, so that a tile
+// of consecutive rows is one affine block of memory in every layout.
+template <typename T>
+struct Problem {
+  at::ScalarType dtype;  // of z3 and dz3
+  int64_t esize;         // its size in bytes
+  bool same;             // dtype is T: z3 may be read and dz3 written in place
+  int64_t B, D, P;
+  int64_t zb, zd, zp;  // strides of z3
+  int64_t ob, od, op;  // strides of dz3 (contiguous [B, D, P] before normalisation)
+  bool rows;           // tiles are [n][D] (channels contiguous) rather than [D][n]
+  int64_t tile, ld;    // rows per tile; row stride of the tile buffers
+  int64_t tiles_per_image, tiles;
+
+  int64_t C, Cy, tasks, Ch;  // logit columns, target columns, tasks, columns with a non-zero Hessian
+  std::vector<int64_t> loss, c0, y0, h0;  // per task; c0 has tasks + 1 entries; h0 = -1 for l1 tasks
+  const T* y;
+  const T* omega;
+
+  // The first GEMM gives [s; u] = A1 z + bias1 (M1 = C rows in the forward, C + Ch in the backward); the backward's
+  // second is dz = A2^T [r; H u] (A2: M1 x D).
+  const T* A1;
+  const T* bias1;
+  const T* A2;
+  int64_t M1;
+};
+
+template <typename T>
+void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
+  pr.dtype = z3.scalar_type();
+  pr.esize = int64_t(z3.element_size());
+  pr.same = pr.dtype == c10::CppTypeToScalarType<T>::value;
+  pr.B = z3.size(0);
+  pr.D = z3.size(1);
+  pr.P = z3.size(2);
+  pr.zb = z3.stride(0);
+  pr.zd = z3.stride(1);
+  pr.zp = z3.stride(2);
+  pr.ob = pr.D * pr.P;
+  pr.od = pr.P;
+  pr.op = 1;
+  if (pr.P == 1) {
+    std::swap(pr.B, pr.P);
+    pr.zp = pr.zb;
+    pr.op = pr.ob;
+    pr.zb = pr.ob = 0;
+  }
+  // The stride of a dimension of size 1 is arbitrary; 1 keeps the layout tests below meaningful.
+  if (pr.D == 1) pr.zd = pr.od = 1;
+  if (pr.P == 1) pr.zp = pr.op = 1;
+  pr.rows = pr.zp != 1 && pr.zd == 1;
+  const int64_t per_row = std::max<int64_t>(pr.D, 1) * int64_t(sizeof(T)), lanes = kRowAlign / int64_t(sizeof(T));
+  int64_t tile = pr.rows ? 64 : 128;
+  while (tile > 2 * lanes && tile * per_row > kTileBytes) tile /= 2;
+  pr.tile = std::min(tile, std::max<int64_t>(pr.P, 1));
+  pr.ld = (pr.tile + lanes - 1) / lanes * lanes;
+  pr.tiles_per_image = (pr.P + pr.tile - 1) / pr.tile;
+  pr.tiles = pr.B * pr.tiles_per_image;
+}
+
+template <typename T>
+void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+  pr.tasks = int64_t(losses.size());
+  pr.loss.assign(losses.begin(), losses.end());
+  pr.c0.assign(col_offsets.begin(), col_offsets.end());
+  pr.y0.assign(y_offsets.begin(), y_offsets.end());
+  pr.C = pr.c0.back();
+  pr.Cy = pr.y0.back();
+  pr.h0.assign(pr.tasks, -1);
+  pr.Ch = 0;
+  for (int64_t t = 0; t < pr.tasks; ++t)
+    if (pr.loss[t] != kL1) {
+      pr.h0[t] = pr.Ch;
+      pr.Ch += pr.c0[t + 1] - pr.c0[t];
+    }
+}
+
+// f(Storage{}) for the storage type of z3 and dz3: T itself, or fp16/bf16 for fp32 accumulation.
+template <typename T, typename F>
+void with_storage(at::ScalarType dtype, const F& f) {
+  if constexpr (std::is_same_v<T, double>) {
+    f(double{});
+  } else {
+    switch (dtype) {
+      case at::kHalf: f(at::Half{}); break;
+      case at::kBFloat16: f(at::BFloat16{}); break;
+      default: f(float{}); break;
+    }
+  }
+}
+
+// The tile of rows p0 .. p0 + n of image b, as [D][n] (rows == false) or [n][D]; *ldz receives its row stride.
+// Read in place where it is T with the layout's contiguous dimension, else converted/gathered into buf.
+template <typename T>
+DGR_INLINE const T* tile_z(const Problem<T>& pr, const void* z, int64_t b, int64_t p0, int64_t n, T* buf, int64_t* ldz) {
+  const int64_t offset = b * pr.zb + p0 * pr.zp;
+  if (pr.same && (pr.rows || pr.zp == 1)) {
+    *ldz = pr.rows ? pr.zp : pr.zd;
+    return static_cast<const T*>(z) + offset;
+  }
+  *ldz = pr.rows ? pr.D : pr.ld;
+  with_storage<T>(pr.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* base = static_cast<const S*>(z) + offset;
+    if (pr.rows) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < pr.D; ++d) buf[i * pr.D + d] = static_cast<T>(base[i * pr.zp + d]);
+    } else {
+      for (int64_t d = 0; d < pr.D; ++d)
+        for (int64_t i = 0; i < n; ++i) buf[d * pr.ld + i] = static_cast<T>(base[d * pr.zd + i * pr.zp]);
+    }
+  });
+  return buf;
+}
+
+// Where dz3's tile cannot be written in place: copy (and convert) the computed tile into it.
+template <typename T>
+void store_tile(const Problem<T>& pr, const T* buf, int64_t ldb, int64_t n, void* dz, int64_t offset) {
+  with_storage<T>(pr.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    S* out = static_cast<S*>(dz) + offset;
+    if (pr.rows) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < pr.D; ++d) out[i * pr.op + d * pr.od] = static_cast<S>(buf[i * ldb + d]);
+    } else {
+      for (int64_t d = 0; d < pr.D; ++d)
+        for (int64_t i = 0; i < n; ++i) out[d * pr.od + i * pr.op] = static_cast<S>(buf[d * ldb + i]);
+    }
+  });
+}
+
+// Prefetches tile t's z and, for the backward writing in place, its dz: a dense tile is D runs of n pixels, one per
+// channel and far apart, too many streams for the hardware prefetchers to follow.
+template <typename T>
+DGR_INLINE void prefetch_tile(const Problem<T>& pr, const void* z, void* dz, int64_t t) {
+  if (t >= pr.tiles) return;
+  const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile, n = std::min(pr.tile, pr.P - p0);
+  const int64_t runs = pr.rows ? n : pr.D, bytes = (pr.rows ? pr.D : n) * pr.esize;
+  if (pr.rows || pr.zp == 1) {
+    const char* base = static_cast<const char*>(z) + (b * pr.zb + p0 * pr.zp) * pr.esize;
+    const int64_t stride = (pr.rows ? pr.zp : pr.zd) * pr.esize;
+    for (int64_t r = 0; r < runs; ++r)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * stride + o, 0, 3);
+  }
+  if (dz && (pr.rows ? pr.od == 1 : pr.op == 1)) {
+    char* base = static_cast<char*>(dz) + (b * pr.ob + p0 * pr.op) * pr.esize;
+    const int64_t stride = (pr.rows ? pr.op : pr.od) * pr.esize;
+    for (int64_t r = 0; r < runs; ++r)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * stride + o, 1, 3);
+  }
+}
+
+}  // namespace
+}  // namespace dgr_penalty_cpu
+
+// The two copies of the kernels (the #else branch at the end of this file).
+#define DGR_PENALTY_KERNELS
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DGR_HAVE_AVX2_COPY 1
+#define DGR_VEC_BYTES 32
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace dgr_penalty_cpu {
+namespace {
+namespace avx2 {
+#include "dgr_penalty.cpp"
+}  // namespace avx2
+}  // namespace
+}  // namespace dgr_penalty_cpu
+#pragma GCC pop_options
+#undef DGR_VEC_BYTES
+#else
+#define DGR_HAVE_AVX2_COPY 0
+#endif
+#define DGR_VEC_BYTES 16
+namespace dgr_penalty_cpu {
+namespace {
+namespace baseline {
+#include "dgr_penalty.cpp"
+}  // namespace baseline
+}  // namespace
+}  // namespace dgr_penalty_cpu
+#undef DGR_VEC_BYTES
+#undef DGR_PENALTY_KERNELS
+
+namespace dgr_penalty_cpu {
+namespace {
+
+#if DGR_HAVE_AVX2_COPY
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+// The kernels' best copy for this CPU. fp64 is the gradcheck path: the baseline copy only, which keeps the build
+// shorter.
+template <typename T>
+void dispatch_forward(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts) {
+#if DGR_HAVE_AVX2_COPY
+  if constexpr (std::is_same_v<T, float>)
+    if (use_avx2()) return avx2::forward_blocks(pr, z, per_block, blk0, blk1, parts);
+#endif
+  baseline::forward_blocks(pr, z, per_block, blk0, blk1, parts);
+}
+
+template <typename T>
+void dispatch_backward(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1, void* dz) {
+#if DGR_HAVE_AVX2_COPY
+  if constexpr (std::is_same_v<T, float>)
+    if (use_avx2()) return avx2::backward_tiles(pr, z, t0, t1, dz);
+#endif
+  baseline::backward_tiles(pr, z, t0, t1, dz);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Argument checks (for direct callers; `pack()` already guarantees all of this) and the two ops.
+
+void check_tensor(const at::Tensor& x, const char* name, at::ScalarType acc, at::IntArrayRef shape, bool contiguous) {
+  TORCH_CHECK(x.device().is_cpu(), "dgr_penalty (cpp): ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == acc, "dgr_penalty (cpp): ", name, " must be ", acc, " (the accumulation dtype of z3), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.sizes() == shape, "dgr_penalty (cpp): ", name, " must have shape ", shape, ", got ", x.sizes());
+  TORCH_CHECK(!contiguous || x.is_contiguous(), "dgr_penalty (cpp): ", name, " must be contiguous");
+}
+
+at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                          const at::Tensor& omega, at::IntArrayRef losses, at::IntArrayRef col_offsets,
+                          at::IntArrayRef y_offsets) {
+  TORCH_CHECK(z3.device().is_cpu(), "dgr_penalty (cpp): z3 must be a CPU tensor, got ", z3.device());
+  TORCH_CHECK(z3.dim() == 3, "dgr_penalty (cpp): z3 must be [B, D, P], got ", z3.sizes());
+  const auto zt = z3.scalar_type();
+  TORCH_CHECK(zt == at::kFloat || zt == at::kDouble || zt == at::kHalf || zt == at::kBFloat16,
+              "dgr_penalty (cpp): z3 must be float32, float64, float16 or bfloat16, got ", zt);
+  const auto acc = zt == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t T = int64_t(losses.size());
+  TORCH_CHECK(T >= 1, "dgr_penalty (cpp): losses is empty");
+  TORCH_CHECK(int64_t(col_offsets.size()) == T + 1 && int64_t(y_offsets.size()) == T + 1,
+              "dgr_penalty (cpp): col_offsets and y_offsets need len(losses) + 1 = ", T + 1, " entries, got ",
+              col_offsets.size(), " and ", y_offsets.size());
+  TORCH_CHECK(col_offsets[0] == 0 && y_offsets[0] == 0, "dgr_penalty (cpp): col_offsets and y_offsets must start at 0");
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(losses[t] >= kCe && losses[t] <= kL1, "dgr_penalty (cpp): losses[", t, "] = ", losses[t],
+                " is not a loss code (0 ce, 1 bce, 2 mse, 3 l1)");
+    const int64_t nc = col_offsets[t + 1] - col_offsets[t];
+    TORCH_CHECK(nc >= 1, "dgr_penalty (cpp): task ", t, " has ", nc, " columns (col_offsets must increase)");
+    const int64_t ny = y_offsets[t + 1] - y_offsets[t];
+    TORCH_CHECK(ny == (losses[t] == kCe ? 1 : nc), "dgr_penalty (cpp): task ", t, " has ", ny,
+                " target columns, expected ", losses[t] == kCe ? 1 : nc);
+  }
+  const int64_t C = col_offsets[T], Cy = y_offsets[T], D = z3.size(1), R = z3.size(0) * z3.size(2);
+  check_tensor(weight, "weight", acc, {C, D}, true);
+  check_tensor(bias, "bias", acc, {C}, false);
+  check_tensor(y, "y", acc, {R, Cy}, true);
+  check_tensor(omega, "omega", acc, {R, T}, true);
+  return acc;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& y, const at::Tensor& omega, at::IntArrayRef losses,
+                                                at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+  Problem<T> pr;
+  set_heads(pr, losses, col_offsets, y_offsets);
+  set_geometry(pr, z3);
+  const at::Tensor b = bias.contiguous();
+  pr.y = y.data_ptr<T>();
+  pr.omega = omega.data_ptr<T>();
+  pr.A1 = weight.data_ptr<T>();
+  pr.bias1 = b.data_ptr<T>();
+  pr.A2 = nullptr;
+  pr.M1 = pr.C;
+  // Blocks of at least 1024 rows, and at least 16 rows per logit column so that the partials stay small next to z.
+  const int64_t per_block = std::max<int64_t>(1, (std::max<int64_t>(1024, 16 * pr.C) + pr.tile - 1) / pr.tile);
+  const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = pr.C * pr.D + pr.C;
+  std::vector<T> parts(blocks * slot);
+  const void* z = z3.data_ptr();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { dispatch_forward(pr, z, per_block, b0, b1, parts.data()); });
+  at::Tensor sums = at::zeros({slot}, weight.options());
+  T* out = sums.data_ptr<T>();
+  at::parallel_for(0, slot, 2048, [&](int64_t e0, int64_t e1) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const T* part = parts.data() + k * slot;
+      for (int64_t e = e0; e < e1; ++e) out[e] += part[e];
+    }
+  });
+  return {sums.narrow(0, 0, pr.C * pr.D).view({pr.C, pr.D}).clone(), sums.narrow(0, pr.C * pr.D, pr.C).clone()};
+}
+
+template <typename T>
+at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                         const at::Tensor& omega, const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
+                         at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+  Problem<T> pr;
+  set_heads(pr, losses, col_offsets, y_offsets);
+  set_geometry(pr, z3);
+  const int64_t C = pr.C, D = pr.D;
+  pr.M1 = C + pr.Ch;
+  // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
+  const at::Tensor b = bias.contiguous(), gw = gt_w.contiguous(), gb = gt_b.contiguous();
+  const T *W = weight.data_ptr<T>(), *bp = b.data_ptr<T>(), *GW = gw.data_ptr<T>(), *GB = gb.data_ptr<T>();
+  std::vector<T> A1(pr.M1 * D), bias1(pr.M1), A2(pr.M1 * D);
+  for (int64_t c = 0; c < C; ++c) {
+    bias1[c] = bp[c];
+    for (int64_t d = 0; d < D; ++d) {
+      A1[c * D + d] = W[c * D + d];
+      A2[c * D + d] = T(2) * GW[c * D + d];
+    }
+  }
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    if (pr.h0[t] < 0) continue;
+    for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) {
+      const int64_t h = C + pr.h0[t] + (c - pr.c0[t]);
+      bias1[h] = T(2) * GB[c];
+      for (int64_t d = 0; d < D; ++d) {
+        A1[h * D + d] = T(2) * GW[c * D + d];
+        A2[h * D + d] = W[c * D + d];
+      }
+    }
+  }
+  pr.y = y.data_ptr<T>();
+  pr.omega = omega.data_ptr<T>();
+  pr.A1 = A1.data();
+  pr.bias1 = bias1.data();
+  pr.A2 = A2.data();
+  at::Tensor dz3 = at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
+  const void* z = z3.data_ptr();
+  void* dz = dz3.data_ptr();
+  at::parallel_for(0, pr.tiles, 1, [&](int64_t t0, int64_t t1) { dispatch_backward(pr, z, t0, t1, dz); });
+  return dz3;
+}
+
+std::tuple<at::Tensor, at::Tensor> dgr_penalty_fwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
+                                                   const at::Tensor& y, const at::Tensor& omega, at::IntArrayRef losses,
+                                                   at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+  check_args(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+  if (z3.scalar_type() == at::kDouble) return forward_impl<double>(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+  return forward_impl<float>(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+}
+
+at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                           const at::Tensor& omega, const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
+                           at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+  const auto acc = check_args(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+  check_tensor(gt_w, "gt_w", acc, weight.sizes(), false);
+  check_tensor(gt_b, "gt_b", acc, bias.sizes(), false);
+  if (z3.scalar_type() == at::kDouble)
+    return backward_impl<double>(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets);
+  return backward_impl<float>(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets);
+}
+
+}  // namespace
+}  // namespace dgr_penalty_cpu
+
+TORCH_LIBRARY_FRAGMENT(dgr_fast_cpu, m) {
+  m.def(
+      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor y, Tensor omega, int[] losses, "
+      "int[] col_offsets, int[] y_offsets) -> (Tensor, Tensor)");
+  m.def(
+      "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor y, Tensor omega, Tensor gt_w, Tensor gt_b, "
+      "int[] losses, int[] col_offsets, int[] y_offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dgr_fast_cpu, CPU, m) {
+  m.impl("dgr_penalty_fwd", &dgr_penalty_cpu::dgr_penalty_fwd);
+  m.impl("dgr_penalty_bwd", &dgr_penalty_cpu::dgr_penalty_bwd);
+}
+
+#else  // DGR_PENALTY_KERNELS: the kernels, compiled once per copy (namespaces avx2 and baseline above)
+
+// ---------------------------------------------------------------------------------------------------------------
+// DGR_VEC_BYTES-wide vectors (GCC vector extensions): one AVX register or one SSE/NEON register.
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(DGR_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(DGR_VEC_BYTES)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(DGR_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(DGR_VEC_BYTES)));
+};
+template <typename T>
+using Vec = typename Simd<T>::V;
+template <typename T>
+constexpr int64_t kLanes = DGR_VEC_BYTES / sizeof(T);
+
+template <typename T>
+DGR_INLINE Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+DGR_INLINE void vstore(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+// x - 0 is x exactly (x + 0 is not, for x = -0): a plain broadcast, from memory where x is loaded.
+template <typename T>
+DGR_INLINE Vec<T> vsplat(T x) {
+  return x - Vec<T>{};
+}
+template <typename T>
+DGR_INLINE T hsum(Vec<T> v) {
+  T s = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) s += v[i];
+  return s;
+}
+
+#if defined(__clang__)
+#define DGR_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DGR_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, typename Simd<T>::I{__VA_ARGS__})
+#endif
+
+// out[i] = horizontal sum of c[i] for i < n; for fp32 four at a time, by a transposing tree of adds.
+template <typename T>
+DGR_INLINE void hsums(const Vec<T>* c, int n, T* out) {
+  int i = 0;
+  if constexpr (std::is_same_v<T, float> && kLanes<T> == 8) {
+    for (; i + 4 <= n; i += 4) {
+      const Vec<T> ab = DGR_SHUFFLE(c[i], c[i + 1], 0, 2, 8, 10, 4, 6, 12, 14) + DGR_SHUFFLE(c[i], c[i + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+      const Vec<T> cd = DGR_SHUFFLE(c[i + 2], c[i + 3], 0, 2, 8, 10, 4, 6, 12, 14) + DGR_SHUFFLE(c[i + 2], c[i + 3], 1, 3, 9, 11, 5, 7, 13, 15);
+      const Vec<T> q = DGR_SHUFFLE(ab, cd, 0, 2, 8, 10, 4, 6, 12, 14) + DGR_SHUFFLE(ab, cd, 1, 3, 9, 11, 5, 7, 13, 15);
+      for (int j = 0; j < 4; ++j) out[i + j] = q[j] + q[j + 4];
+    }
+  } else if constexpr (std::is_same_v<T, float> && kLanes<T> == 4) {
+    for (; i + 4 <= n; i += 4) {
+      const Vec<T> ab = DGR_SHUFFLE(c[i], c[i + 1], 0, 4, 1, 5) + DGR_SHUFFLE(c[i], c[i + 1], 2, 6, 3, 7);
+      const Vec<T> cd = DGR_SHUFFLE(c[i + 2], c[i + 3], 0, 4, 1, 5) + DGR_SHUFFLE(c[i + 2], c[i + 3], 2, 6, 3, 7);
+      const Vec<T> q = DGR_SHUFFLE(ab, cd, 0, 1, 4, 5) + DGR_SHUFFLE(ab, cd, 2, 3, 6, 7);
+      for (int j = 0; j < 4; ++j) out[i + j] = q[j];
+    }
+  }
+  for (; i < n; ++i) out[i] = hsum<T>(c[i]);
+}
+#undef DGR_SHUFFLE
+
+// exp(x) = 2^k e^f with k = round(x / ln 2), |f| <= ln(2) / 2, e^f by its Taylor polynomial of degree 7 (relative
+// error below 1e-8, under fp32 rounding). x is clamped to [-87, 88] so that 2^k stays a normal float; softmax
+// and sigmoid only lose terms below 1e-38 that way.
+DGR_INLINE Vec<float> vexp(Vec<float> x) {
+  typedef Simd<float>::V V;
+  typedef Simd<float>::I I;
+  x = x < -87.0f ? vsplat(-87.0f) : x;
+  x = x > 88.0f ? vsplat(88.0f) : x;
+  const V k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // adding 1.5 * 2^23 rounds to an integer
+  const V f = (x - k * 0.693145751953125f) - k * 1.428606765330187e-6f;  // ln 2 split in two: f exact enough
+  V p = vsplat(1.0f / 5040.0f);
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const I bits = (__builtin_convertvector(k, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+// fp64 is the gradcheck path: libm's exp, lane by lane.
+DGR_INLINE Vec<double> vexp(Vec<double> x) {
+  for (int64_t i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The two GEMM shapes every product here reduces to. Both handle any M, N, K exactly (no reads or writes outside
+// the given extents). Register blocks: kAxpyRows x kAxpyVecs vectors; kDotRows x kDotCols dot products.
+
+constexpr int kAxpyRows = 3, kAxpyVecs = 4, kDotRows = 4, kDotCols = 3;
+
+// O[i][j] = (acc ? O[i][j] : bias[i] or 0) + sum_k A[i*am + k*ak] B[k*ldb + j] for i < MR and NV vectors of
+// columns j (NV = 0: a single column).
+template <typename T, int MR, int NV>
+DGR_INLINE void axpy_block(int64_t K, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb, T* O,
+                           int64_t ldo, const T* bias, bool acc) {
+  if constexpr (NV == 0) {
+    T c[MR];
+    for (int i = 0; i < MR; ++i) c[i] = acc ? O[i * ldo] : bias ? bias[i] : T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T b = B[k * ldb];
+      for (int i = 0; i < MR; ++i) c[i] += A[i * am + k * ak] * b;
+    }
+    for (int i = 0; i < MR; ++i) O[i * ldo] = c[i];
+  } else {
+    constexpr int64_t L = kLanes<T>;
+    Vec<T> c[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) c[i][v] = acc ? vload(O + i * ldo + v * L) : vsplat<T>(bias ? bias[i] : T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      Vec<T> b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * L);
+      for (int i = 0; i < MR; ++i) {
+        const Vec<T> a = vsplat(A[i * am + k * ak]);
+        for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) vstore(O + i * ldo + v * L, c[i][v]);
+  }
+}
+
+// The last rows < MR of a strip, with the block of exactly that many rows.
+template <typename T, int NV, int MR>
+DGR_INLINE void axpy_tail(int64_t rows, int64_t K, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb, T* O,
+                          int64_t ldo, const T* bias, bool acc) {
+  if constexpr (MR > 0) {
+    if (rows < MR) return axpy_tail<T, NV, MR - 1>(rows, K, A, am, ak, B, ldb, O, ldo, bias, acc);
+    axpy_block<T, MR, NV>(K, A, am, ak, B, ldb, O, ldo, bias, acc);
+  }
+}
+
+template <typename T, int NV>
+DGR_INLINE void axpy_strip(int64_t M, int64_t K, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb, T* O,
+                           int64_t ldo, const T* bias, bool acc) {
+  constexpr int MR = kAxpyRows;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    axpy_block<T, MR, NV>(K, A + m * am, am, ak, B, ldb, O + m * ldo, ldo, bias ? bias + m : nullptr, acc);
+  axpy_tail<T, NV, MR - 1>(M - m, K, A + m * am, am, ak, B, ldb, O + m * ldo, ldo, bias ? bias + m : nullptr, acc);
+}
+
+// O[m][j] (+)= sum_k A(m, k) B[k][j]: the output's rows are contiguous along the GEMM's free dimension j.
+// Column strips outer, so that a strip of B stays in L1 while every row block passes over it.
+template <typename T>
+DGR_INLINE void axpy(int64_t M, int64_t K, int64_t N, const T* A, int64_t am, int64_t ak, const T* B, int64_t ldb,
+                     T* O, int64_t ldo, const T* bias, bool acc) {
+  constexpr int64_t L = kLanes<T>, NV = kAxpyVecs;
+  int64_t j = 0;
+  for (; j + NV * L <= N; j += NV * L) axpy_strip<T, NV>(M, K, A, am, ak, B + j, ldb, O + j, ldo, bias, acc);
+  for (; j + L <= N; j += L) axpy_strip<T, 1>(M, K, A, am, ak, B + j, ldb, O + j, ldo, bias, acc);
+  for (; j < N; ++j) axpy_strip<T, 0>(M, K, A, am, ak, B + j, ldb, O + j, ldo, bias, acc);
+}
+
+// O[i][j] = (acc ? O[i][j] : bias[i] or 0) + sum_k A[i*lda + k] B[j*ldb + k] for i < MR, j < NR.
+template <typename T, int MR, int NR>
+DGR_INLINE void dot_block(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* O, int64_t ldo,
+                          const T* bias, bool acc) {
+  constexpr int64_t L = kLanes<T>;
+  Vec<T> c[MR * NR];
+  for (int i = 0; i < MR * NR; ++i) c[i] = Vec<T>{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    Vec<T> b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = vload(B + j * ldb + k);
+    for (int i = 0; i < MR; ++i) {
+      const Vec<T> a = vload(A + i * lda + k);
+      for (int j = 0; j < NR; ++j) c[i * NR + j] += a * b[j];
+    }
+  }
+  T s[MR * NR];
+  hsums<T>(c, MR * NR, s);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      T t = s[i * NR + j];
+      for (int64_t kk = k; kk < K; ++kk) t += A[i * lda + kk] * B[j * ldb + kk];
+      T* o = O + i * ldo + j;
+      *o = (acc ? *o : bias ? bias[i] : T(0)) + t;
+    }
+}
+
+template <typename T, int NR, int MR>
+DGR_INLINE void dot_tail(int64_t rows, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* O, int64_t ldo,
+                         const T* bias, bool acc) {
+  if constexpr (MR > 0) {
+    if (rows < MR) return dot_tail<T, NR, MR - 1>(rows, K, A, lda, B, ldb, O, ldo, bias, acc);
+    dot_block<T, MR, NR>(K, A, lda, B, ldb, O, ldo, bias, acc);
+  }
+}
+
+template <typename T, int NR>
+DGR_INLINE void dot_strip(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* O, int64_t ldo,
+                          const T* bias, bool acc) {
+  constexpr int MR = kDotRows;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) dot_block<T, MR, NR>(K, A + m * lda, lda, B, ldb, O + m * ldo, ldo, bias ? bias + m : nullptr, acc);
+  dot_tail<T, NR, MR - 1>(M - m, K, A + m * lda, lda, B, ldb, O + m * ldo, ldo, bias ? bias + m : nullptr, acc);
+}
+
+// The last columns < NR of the output.
+template <typename T, int NR>
+DGR_INLINE void dot_cols(int64_t cols, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* O,
+                         int64_t ldo, const T* bias, bool acc) {
+  if constexpr (NR > 0) {
+    if (cols < NR) return dot_cols<T, NR - 1>(cols, M, K, A, lda, B, ldb, O, ldo, bias, acc);
+    dot_strip<T, NR>(M, K, A, lda, B, ldb, O, ldo, bias, acc);
+  }
+}
+
+// O[m][n] (+)= sum_k A[m][k] B[n][k]: both operands contiguous along the contraction k.
+template <typename T>
+DGR_INLINE void dot(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* O,
+                    int64_t ldo, const T* bias, bool acc) {
+  constexpr int NR = kDotCols;
+  int64_t n = 0;
+  for (; n + NR <= N; n += NR) dot_strip<T, NR>(M, K, A, lda, B + n * ldb, ldb, O + n, ldo, bias, acc);
+  dot_cols<T, NR - 1>(N - n, M, K, A, lda, B + n * ldb, ldb, O + n, ldo, bias, acc);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Residuals, one function per loss for both passes, on the task's columns of a tile: s[c*ld + n] for c < nc holds
+// the logits and becomes r; u (backward only, nullptr in the forward) holds u = 2 (Gt_W z + Gt_b) and becomes H u.
+// y: the task's target rows (one row of class indices for ce), om: its omega row. Whole vectors: the lanes past the
+// tile's last row hold s = u = y = omega = 0 and give r = H u = 0.
+
+template <typename T>
+DGR_INLINE void ce_columns(T* s, T* u, int64_t ld, int64_t nc, const T* y, const T* om, int64_t width) {
+  using V = Vec<T>;
+  for (int64_t j = 0; j < width; j += kLanes<T>) {
+    V m = vload(s + j);
+    for (int64_t c = 1; c < nc; ++c) {
+      const V x = vload(s + c * ld + j);
+      m = x > m ? x : m;
+    }
+    V sum = V{};
+    for (int64_t c = 0; c < nc; ++c) {
+      const V e = vexp(vload(s + c * ld + j) - m);
+      vstore(s + c * ld + j, e);
+      sum += e;
+    }
+    const V inv = T(1) / sum, w = vload(om + j), cls = vload(y + j);
+    if (u) {
+      V pu = V{};
+      for (int64_t c = 0; c < nc; ++c) pu += vload(s + c * ld + j) * vload(u + c * ld + j);
+      pu *= inv;
+      for (int64_t c = 0; c < nc; ++c) {
+        const V p = vload(s + c * ld + j) * inv;
+        vstore(u + c * ld + j, w * p * (vload(u + c * ld + j) - pu));
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const V p = vload(s + c * ld + j) * inv;
+      vstore(s + c * ld + j, w * (cls == T(c) ? p - T(1) : p));
+    }
+  }
+}
+
+template <typename T>
+DGR_INLINE void bce_columns(T* s, T* u, int64_t ld, int64_t nc, const T* y, const T* om, int64_t width) {
+  using V = Vec<T>;
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t j = 0; j < width; j += kLanes<T>) {
+      const V q = T(1) / (T(1) + vexp(-vload(s + c * ld + j))), w = vload(om + j);
+      if (u) vstore(u + c * ld + j, w * q * (T(1) - q) * vload(u + c * ld + j));
+      vstore(s + c * ld + j, w * (q - vload(y + c * ld + j)));
+    }
+}
+
+template <typename T>
+DGR_INLINE void mse_columns(T* s, T* u, int64_t ld, int64_t nc, const T* y, const T* om, int64_t width) {
+  using V = Vec<T>;
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t j = 0; j < width; j += kLanes<T>) {
+      const V w2 = T(2) * vload(om + j);
+      if (u) vstore(u + c * ld + j, w2 * vload(u + c * ld + j));
+      vstore(s + c * ld + j, w2 * (vload(s + c * ld + j) - vload(y + c * ld + j)));
+    }
+}
+
+// sign(0) = 0 as autograd's; H = 0, so an l1 task has no u rows.
+template <typename T>
+DGR_INLINE void l1_columns(T* s, int64_t ld, int64_t nc, const T* y, const T* om, int64_t width) {
+  using V = Vec<T>;
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t j = 0; j < width; j += kLanes<T>) {
+      const V d = vload(s + c * ld + j) - vload(y + c * ld + j), w = vload(om + j);
+      vstore(s + c * ld + j, d > T(0) ? w : d < T(0) ? -w : V{});
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tiles.
+
+// Per-thread buffers.
+template <typename T>
+struct Workspace {
+  std::vector<T> z;   // the tile of z, where it cannot be read in place
+  std::vector<T> rh;  // [M1][ld]: s then r; (backward) u then H u below
+  std::vector<T> yo;  // [Cy + tasks][ld]: the tile's targets and omega
+  std::vector<T> dz;  // (backward) the tile of dz, where it cannot be written in place
+
+  Workspace(const Problem<T>& pr, bool forward)
+      : z(pr.D * pr.ld), rh(pr.M1 * pr.ld), yo((pr.Cy + pr.tasks) * pr.ld), dz(forward ? 0 : pr.D * pr.ld) {}
+};
+
+template <typename T>
+DGR_INLINE int64_t whole_vectors(int64_t n) {
+  return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+// [s; u] = A1 z + bias1 for the tile's rows, into out[M1][ld]; lanes n .. whole vectors are zeroed (see the
+// residuals).
+template <typename T>
+DGR_INLINE void project(const Problem<T>& pr, const T* z, int64_t ldz, int64_t n, T* out) {
+  if (pr.rows)
+    dot(pr.M1, n, pr.D, pr.A1, pr.D, z, ldz, out, pr.ld, pr.bias1, false);
+  else
+    axpy(pr.M1, pr.D, n, pr.A1, pr.D, int64_t(1), z, ldz, out, pr.ld, pr.bias1, false);
+  const int64_t width = whole_vectors<T>(n);
+  for (int64_t c = 0; c < pr.M1; ++c)
+    for (int64_t j = n; j < width; ++j) out[c * pr.ld + j] = T(0);
+}
+
+// r (and H u, when the backward passes its u rows) of every task, in place.
+template <typename T>
+DGR_INLINE void residuals(const Problem<T>& pr, int64_t row0, int64_t n, T* s, T* u, T* yo) {
+  const int64_t ld = pr.ld, width = whole_vectors<T>(n), cols = pr.Cy + pr.tasks;
+  const T* ysrc = pr.y + row0 * pr.Cy;
+  const T* osrc = pr.omega + row0 * pr.tasks;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < pr.Cy; ++k) yo[k * ld + i] = ysrc[i * pr.Cy + k];
+    for (int64_t t = 0; t < pr.tasks; ++t) yo[(pr.Cy + t) * ld + i] = osrc[i * pr.tasks + t];
+  }
+  for (int64_t k = 0; k < cols; ++k)
+    for (int64_t i = n; i < width; ++i) yo[k * ld + i] = T(0);
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    T* st = s + pr.c0[t] * ld;
+    T* ut = u && pr.h0[t] >= 0 ? u + pr.h0[t] * ld : nullptr;
+    const T* yt = yo + pr.y0[t] * ld;
+    const T* om = yo + (pr.Cy + t) * ld;
+    const int64_t nc = pr.c0[t + 1] - pr.c0[t];
+    switch (pr.loss[t]) {
+      case kCe: ce_columns(st, ut, ld, nc, yt, om, width); break;
+      case kBce: bce_columns(st, ut, ld, nc, yt, om, width); break;
+      case kMse: mse_columns(st, ut, ld, nc, yt, om, width); break;
+      default: l1_columns(st, ld, nc, yt, om, width); break;
+    }
+  }
+}
+
+// Forward over blocks [blk0, blk1): block k sums tiles [k * per_block, (k + 1) * per_block) into
+// parts[k] = (G_W [C][D], G_b [C]).
+template <typename T>
+void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts) {
+  Workspace<T> ws(pr, true);
+  const int64_t C = pr.C, D = pr.D, L = kLanes<T>;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    T* G = parts + blk * (C * D + C);
+    T* Gb = G + C * D;
+    std::fill(G, G + C * D + C, T(0));
+    const int64_t last = std::min(pr.tiles, (blk + 1) * per_block);
+    for (int64_t t = blk * per_block; t < last; ++t) {
+      const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile;
+      const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
+      int64_t ldz;
+      const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
+      prefetch_tile(pr, z, nullptr, t + 1);
+      T* r = ws.rh.data();
+      project(pr, zt, ldz, n, r);
+      residuals(pr, row0, n, r, static_cast<T*>(nullptr), ws.yo.data());
+      if (pr.rows)
+        axpy(C, n, D, r, pr.ld, int64_t(1), zt, ldz, G, D, static_cast<const T*>(nullptr), true);
+      else
+        dot(C, D, n, r, pr.ld, zt, ldz, G, D, static_cast<const T*>(nullptr), true);
+      const int64_t width = whole_vectors<T>(n);
+      for (int64_t c = 0; c < C; ++c) {
+        Vec<T> acc{};
+        for (int64_t j = 0; j < width; j += L) acc += vload(r + c * pr.ld + j);
+        Gb[c] += hsum<T>(acc);
+      }
+    }
+  }
+}
+
+// Backward over tiles [t0, t1): dz for each tile's rows.
+template <typename T>
+void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1, void* dz) {
+  Workspace<T> ws(pr, false);
+  const int64_t D = pr.D;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile;
+    const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
+    int64_t ldz;
+    const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
+    prefetch_tile(pr, z, dz, t + 1);
+    T* rh = ws.rh.data();
+    project(pr, zt, ldz, n, rh);
+    residuals(pr, row0, n, rh, rh + pr.C * pr.ld, ws.yo.data());
+    const int64_t offset = b * pr.ob + p0 * pr.op;
+    // In place where dz3 is T and has the compute layout's contiguous dimension; else through the buffer.
+    const bool direct = pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
+    T* dzt = direct ? static_cast<T*>(dz) + offset : ws.dz.data();
+    const int64_t ldo = direct ? (pr.rows ? pr.op : pr.od) : (pr.rows ? D : pr.ld);
+    if (pr.rows)
+      axpy(n, pr.M1, D, rh, int64_t(1), pr.ld, pr.A2, D, dzt, ldo, static_cast<const T*>(nullptr), false);
+    else
+      axpy(D, pr.M1, n, pr.A2, int64_t(1), D, rh, pr.ld, dzt, ldo, static_cast<const T*>(nullptr), false);
+    if (!direct) store_tile(pr, dzt, ldo, n, dz, offset);
+  }
+}
+
+#endif  // DGR_PENALTY_KERNELS

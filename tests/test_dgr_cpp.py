@@ -1,0 +1,199 @@
+"""The `cpp` backend of dgr_penalty (csrc/cpu/dgr_penalty.cpp) against the reference and the torch closed form."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from dgr_cases import make_case, penalty_and_grad
+from dgr_fast import dgr_penalty
+from dgr_fast.ops import dgr_penalty as dp
+
+try:
+    importlib.import_module("dgr_fast._C")
+    FWD, BWD = torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
+except (ImportError, AttributeError, RuntimeError) as exc:  # not built, built against another torch, or without the ops
+    pytest.skip(f"the C++ extension dgr_fast._C with the dgr_penalty ops is not available: {exc}", allow_module_level=True)
+
+REDUCTIONS = ["mean", "row_mean", "mean", "row_mean"]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}
+
+
+def _layouts(shape):
+    return ["contiguous", "transposed", "sliced"] + (["channels_last"] if len(shape) == 4 else [])
+
+
+def _assert_close(actual, expected, **tol):
+    # Tolerances relative to the largest entry: the gradient has entries near 0 where terms cancel.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [(s, lay) for s in [(37, 29), (2, 11, 5, 7)] for lay in _layouts(s)] + [((3, 20, 9, 40), "contiguous"), ((300, 40), "contiguous")],
+)
+def test_matches_reference(shape, layout, dtype):
+    case = make_case(shape, dtype=dtype, layout=layout, seed=len(shape) * 10 + len(layout), empty_task=1)
+    kwargs = dict(reductions=REDUCTIONS, task_weights=[0.5, 2.0, 1.0, 1.5])
+    value, grad = penalty_and_grad(dgr_penalty, case, backend="cpp", **kwargs)
+    ref_value, ref_grad = penalty_and_grad(dgr_penalty, case, backend="reference", **kwargs)
+    assert value.dtype == dtype and grad.dtype == dtype and grad.shape == case["features"].shape
+    _assert_close(value, ref_value, **TOL[dtype])
+    _assert_close(grad, ref_grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("norm", ["squared", "l2"])
+@pytest.mark.parametrize("reduction", ["mean", "row_mean"])
+@pytest.mark.parametrize("loss", ["ce", "bce", "mse", "l1"])
+def test_each_loss_alone(loss, reduction, norm):
+    # One task per call, with and without a bias, so that an error in one loss's residual cannot hide in the sum.
+    for bias in (True, False):
+        case = make_case((2, 7, 3, 5), classes=(4,), losses=(loss,), no_bias=() if bias else (0,), seed=3)
+        case["masks"] = [torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(4)) < 0.6]
+        value, grad = penalty_and_grad(dgr_penalty, case, backend="cpp", reductions=reduction, norm=norm)
+        ref_value, ref_grad = penalty_and_grad(dgr_penalty, case, backend="reference", reductions=reduction, norm=norm)
+        _assert_close(value, ref_value, **TOL[torch.float64])
+        _assert_close(grad, ref_grad, **TOL[torch.float64])
+
+
+def test_nothing_valid_gives_zero():
+    case = make_case((9, 6), classes=(3, 2), losses=("ce", "l1"), seed=5)
+    case["masks"] = [torch.zeros(9, dtype=torch.bool)] * 2
+    for norm in ("squared", "l2"):
+        value, grad = penalty_and_grad(dgr_penalty, case, backend="cpp", norm=norm)
+        assert value.item() == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 2, 3)])
+def test_gradcheck(shape):
+    case = make_case(shape, seed=6)
+    features = case.pop("features").detach().requires_grad_(True)
+
+    def penalty(z):
+        return dgr_penalty(z, **case, reductions=REDUCTIONS, task_weights=[1.0, 0.5, 2.0, 1.0], backend="cpp")
+
+    assert torch.autograd.gradcheck(penalty, (features,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [((37, 29), "contiguous"), ((2, 11, 5, 7), "contiguous"), ((2, 11, 5, 7), "channels_last")])
+def test_half_inputs(shape, layout, dtype):
+    # Half features are read as fp32 and the gradient rounded once to the features' dtype: compare with the fp32
+    # reference on the same (rounded) features.
+    case = make_case(shape, dtype=torch.float32, layout=layout, seed=7)
+    half = dict(case, features=case["features"].to(dtype))
+    value, grad = penalty_and_grad(dgr_penalty, half, backend="cpp", reductions=REDUCTIONS)
+    ref_value, ref_grad = penalty_and_grad(dgr_penalty, dict(case, features=half["features"].float()), backend="reference", reductions=REDUCTIONS)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    _assert_close(value, ref_value, rtol=1e-4, atol=0.0)
+    _assert_close(grad.float(), ref_grad, rtol=1e-2, atol=0.0)
+
+
+def _packed(case, dtype=None):
+    features = case["features"] if dtype is None else case["features"].to(dtype)
+    return dp.pack(features, case["weights"], case["biases"], case["targets"], case["losses"], case["masks"], [case["ignore_index"]] * len(case["weights"]), REDUCTIONS)
+
+
+def _direct(p, gt_seed=0):
+    """The op pair called directly on packed arguments, and the torch closed form on the same arguments."""
+    meta = (p.losses, p.col_offsets, p.y_offsets)
+    args = (p.z3, p.weight, p.bias, p.y, p.omega)
+    g_w, g_b = FWD(*args, *meta)
+    gen = torch.Generator().manual_seed(gt_seed)
+    gt_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
+    gt_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
+    # A freed NaN buffer of dz's size is what the allocator is likely to hand out next: unwritten entries show.
+    poison = torch.full(p.z3.shape, float("nan"), dtype=p.z3.dtype)
+    del poison
+    dz = BWD(*args, gt_w, gt_b, *meta)
+    z = p.z3.to(p.weight.dtype)
+    ones = torch.ones_like(p.bias)
+    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, ones, p.y, p.omega, *meta)
+    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, p.y, p.omega, gt_w, gt_b, *meta)
+    return (g_w, g_b, dz), (ref_w, ref_b, ref_dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((37, 29), lay) for lay in ("contiguous", "transposed", "sliced")]
+    + [((2, 11, 5, 7), lay) for lay in ("contiguous", "transposed", "sliced", "channels_last")]
+    + [((3, 9, 1, 131), "contiguous"), ((130, 3), "contiguous"), ((1, 1), "contiguous")],
+)
+def test_direct_call_writes_everything(shape, layout, dtype):
+    # Odd sizes: partial tiles, partial vectors and partial register blocks in every layout the kernels tell apart
+    # (pixels contiguous, channels contiguous, gathered, converted from fp16/bf16).
+    case = make_case(shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32, layout=layout, seed=8)
+    p = _packed(case, dtype)
+    (g_w, g_b, dz), (ref_w, ref_b, ref_dz) = _direct(p)
+    assert dz.dtype == dtype and dz.shape == p.z3.shape and dz.is_contiguous()
+    assert g_w.dtype == g_b.dtype == p.weight.dtype
+    tol = TOL.get(dtype, dict(rtol=1e-2, atol=0.0))
+    acc_tol = TOL[p.weight.dtype]
+    _assert_close(g_w, ref_w, **acc_tol)
+    _assert_close(g_b, ref_b, **acc_tol)
+    assert not dz.isnan().any()
+    _assert_close(dz.to(ref_dz.dtype), ref_dz, **tol)
+
+
+def test_rows_without_any_valid_task_get_exact_zeros():
+    case = make_case((3, 6, 4, 9), seed=9, dtype=torch.float32)
+    dead = torch.zeros(3, 4, 9, dtype=torch.bool)
+    dead[1] = True
+    dead[2, :, 5:] = True
+    case["masks"] = [~dead] * 4
+    case["targets"][0] = torch.where(dead, -1, case["targets"][0])
+    p = _packed(case)
+    (_, _, dz), (_, _, ref_dz) = _direct(p)
+    assert torch.equal(dz.reshape(3, 6, 4, 9).permute(0, 2, 3, 1)[dead], torch.zeros(int(dead.sum()), 6))
+    _assert_close(dz, ref_dz, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,layout", [((2, 16, 40, 50), "contiguous"), ((3000, 24), "contiguous"), ((2, 16, 40, 50), "channels_last")])
+def test_independent_of_thread_count(shape, layout):
+    # Several forward blocks (1024+ rows each): their partial sums are added in block order, whatever the threads.
+    p = _packed(make_case(shape, dtype=torch.float32, layout=layout, seed=10))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _direct(p)[0]
+        torch.set_num_threads(2)
+        two = _direct(p)[0]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_refuses_bad_arguments():
+    p = _packed(make_case((5, 4), dtype=torch.float32, seed=11))
+    meta = (p.losses, p.col_offsets, p.y_offsets)
+    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, y=p.y, omega=p.omega)
+
+    def fwd(**override):
+        a = {**good, **override}
+        return FWD(a["z3"], a["weight"], a["bias"], a["y"], a["omega"], *override.pop("meta", meta))
+
+    cases = [
+        (dict(z3=p.z3.to(torch.int32)), "z3 must be float32"),
+        (dict(z3=p.z3[..., 0]), r"z3 must be \[B, D, P\]"),
+        (dict(weight=p.weight.double()), "weight must be Float"),
+        (dict(weight=p.weight[:, :2]), "weight must have shape"),
+        (dict(weight=p.weight.t().contiguous().t()), "weight must be contiguous"),
+        (dict(y=p.y[:3]), "y must have shape"),
+        (dict(omega=p.omega.t().contiguous().t()), "omega must be contiguous"),
+        (dict(meta=([0, 1, 2, 9], *meta[1:])), "not a loss code"),
+        (dict(meta=(meta[0], meta[1][:-1], meta[2])), "col_offsets and y_offsets need"),
+        (dict(meta=(meta[0], [0, 5, 5, 7, 8], meta[2])), "columns"),
+    ]
+    for override, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            fwd(**override)
+    gt = torch.zeros_like(p.weight)
+    with pytest.raises(RuntimeError, match="gt_w must have shape"):
+        BWD(p.z3, p.weight, p.bias, p.y, p.omega, gt[:2], p.bias, *meta)
