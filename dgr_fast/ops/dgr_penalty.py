@@ -218,18 +218,36 @@ def _residual_rows(s: Tensor, y: Tensor, omega: Tensor, losses, col_offsets, y_o
     return torch.cat(out, 1)
 
 
+# z3 is read in place through these three products. Row features ([N, D, 1]) take plain 2-D GEMMs: a batched
+# matmul over N batches of one row would broadcast the small operand to N copies.
+
+
 def _head_rows(z3: Tensor, m: Tensor) -> Tensor:
-    """``[R, K]`` rows ``m z_i`` for ``m [K, D]``: one batched GEMM reading z3 in place (BLAS takes the transposes)."""
+    """``[R, K]`` rows ``m z_i`` for ``m [K, D]``."""
+    if z3.shape[2] == 1:
+        return z3[:, :, 0] @ m.transpose(0, 1)
     return torch.matmul(z3.transpose(1, 2), m.transpose(0, 1)).reshape(-1, m.shape[0])
+
+
+def _rows_times_z(x: Tensor, z3: Tensor) -> Tensor:
+    """``sum_i x_i z_i^T``: ``[K, D]`` for rows ``x [R, K]``."""
+    if z3.shape[2] == 1:
+        return x.transpose(0, 1) @ z3[:, :, 0]
+    return torch.matmul(x.view(z3.shape[0], z3.shape[2], x.shape[1]).transpose(1, 2), z3.transpose(1, 2)).sum(0)
+
+
+def _rows_to_features(x: Tensor, m: Tensor, z3: Tensor) -> Tensor:
+    """``[B, D, P]`` holding ``m^T x_i`` per row, for rows ``x [R, K]`` and ``m [K, D]``."""
+    if z3.shape[2] == 1:
+        return (x @ m).unsqueeze(-1)
+    return torch.matmul(m.transpose(0, 1), x.view(z3.shape[0], z3.shape[2], x.shape[1]).transpose(1, 2))
 
 
 def _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets) -> tuple[Tensor, Tensor]:
     """Pass 1: ``(G_W [C, D], G_b [C])``."""
     z = z3.to(weight.dtype)
-    s = _head_rows(z, weight) + bias
-    r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
-    g_w = torch.matmul(r.view(z.shape[0], z.shape[2], r.shape[1]).transpose(1, 2), z.transpose(1, 2)).sum(0)
-    return g_w, r.sum(0) * bias_mask
+    r = _residual_rows(_head_rows(z, weight) + bias, y, omega, losses, col_offsets, y_offsets)
+    return _rows_times_z(r, z), r.sum(0) * bias_mask
 
 
 def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets) -> Tensor:
@@ -240,8 +258,7 @@ def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_off
     s, u = s_u[:, :c] + bias, 2 * (s_u[:, c:] + gt_b)
     r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
     hu = _residual_rows(s, y, omega, losses, col_offsets, y_offsets, u=u)
-    rhs = torch.cat([r, hu], 1).view(z.shape[0], z.shape[2], 2 * c)  # [B, P, 2C]
-    return torch.matmul(torch.cat([2 * gt_w, weight]).transpose(0, 1), rhs.transpose(1, 2)).to(z3.dtype)
+    return _rows_to_features(torch.cat([r, hu], 1), torch.cat([2 * gt_w, weight]), z).to(z3.dtype)
 
 
 def task_penalties(g_w: Tensor, g_b: Tensor, col_offsets: Sequence[int]) -> Tensor:
