@@ -5,7 +5,7 @@
 //   dgr_penalty_bwd == `_torch_features_grad`: dz = [2 Gt_W; W]^T [r; H u], with s and r recomputed;
 //   the per-loss functions below (`ce_columns` ...) are `_residual_rows`: r without u, and H u with it, one function
 //   per loss for both passes.
-// The same sums in a different order: rows are cut into tiles (up to 128 pixels of one image, or up to 64 rows);
+// The same sums in a different order: rows are cut into tiles (up to 256 pixels of one image, or up to 64 rows);
 // per tile the logits are one small GEMM, the residuals are computed in place, and the tile's G contribution
 // (forward) or dz (backward) is a second GEMM. Columns of l1 tasks have H = 0: the backward leaves them out of
 // u and H u instead of multiplying by zero.
@@ -47,23 +47,27 @@ namespace {
 
 enum Loss : int64_t { kCe = 0, kBce = 1, kMse = 2, kL1 = 3 };
 
-// Tile buffers have rows of whole 32-byte vectors (enough for both copies of the kernels).
-constexpr int64_t kRowAlign = 32;
-// Tiles of about 32 KiB of z (one L1).
-constexpr int64_t kTileBytes = 32 * 1024;
+// Buffer rows are whole 32-byte vectors (enough for both copies of the kernels) plus one cache line: rows whose
+// distance is a multiple of 4 KiB share an L1 set, and a GEMM walking down more of them than the cache has ways
+// thrashes it (measured on W = [C, 2048]: 2.5 times slower). z and dz are read and written in place all the same:
+// staging every tile through such a buffer cost as much as it saved.
+constexpr int64_t kRowAlign = 32, kRowPad = 64;
+// Tiles of up to 64 KiB of z: the dense forward's dot products over the tile's pixels get long enough, and the tile
+// stays in L2 (measured: 32 and 128 KiB are slower).
+constexpr int64_t kTileBytes = 64 * 1024;
 
 // The problem, normalised: z3 is read as B images of P rows; [N, D, 1] becomes one image of N rows, so that a tile
 // of consecutive rows is one affine block of memory in every layout.
 template <typename T>
 struct Problem {
   at::ScalarType dtype;  // of z3 and dz3
-  int64_t esize;         // its size in bytes
   bool same;             // dtype is T: z3 may be read and dz3 written in place
   int64_t B, D, P;
   int64_t zb, zd, zp;  // strides of z3
   int64_t ob, od, op;  // strides of dz3 (contiguous [B, D, P] before normalisation)
   bool rows;           // tiles are [n][D] (channels contiguous) rather than [D][n]
-  int64_t tile, ld;    // rows per tile; row stride of the tile buffers
+  int64_t tile;        // rows per tile
+  int64_t ld, ldd;     // buffer row strides for tile rows (pixels of a channel, logits ...) and for D channels
   int64_t tiles_per_image, tiles;
 
   int64_t C, Cy, tasks, Ch;  // logit columns, target columns, tasks, columns with a non-zero Hessian
@@ -72,7 +76,7 @@ struct Problem {
   const T* omega;
 
   // The first GEMM gives [s; u] = A1 z + bias1 (M1 = C rows in the forward, C + Ch in the backward); the backward's
-  // second is dz = A2^T [r; H u] (A2: M1 x D).
+  // second is dz = A2^T [r; H u]. A1, A2: M1 rows of D, ldd apart.
   const T* A1;
   const T* bias1;
   const T* A2;
@@ -82,7 +86,6 @@ struct Problem {
 template <typename T>
 void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
   pr.dtype = z3.scalar_type();
-  pr.esize = int64_t(z3.element_size());
   pr.same = pr.dtype == c10::CppTypeToScalarType<T>::value;
   pr.B = z3.size(0);
   pr.D = z3.size(1);
@@ -104,10 +107,12 @@ void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
   if (pr.P == 1) pr.zp = pr.op = 1;
   pr.rows = pr.zp != 1 && pr.zd == 1;
   const int64_t per_row = std::max<int64_t>(pr.D, 1) * int64_t(sizeof(T)), lanes = kRowAlign / int64_t(sizeof(T));
-  int64_t tile = pr.rows ? 64 : 128;
+  int64_t tile = pr.rows ? 64 : 256;
   while (tile > 2 * lanes && tile * per_row > kTileBytes) tile /= 2;
   pr.tile = std::min(tile, std::max<int64_t>(pr.P, 1));
-  pr.ld = (pr.tile + lanes - 1) / lanes * lanes;
+  const auto padded = [&](int64_t n) { return (n + lanes - 1) / lanes * lanes + kRowPad / int64_t(sizeof(T)); };
+  pr.ld = padded(pr.tile);
+  pr.ldd = padded(pr.D);
   pr.tiles_per_image = (pr.P + pr.tile - 1) / pr.tile;
   pr.tiles = pr.B * pr.tiles_per_image;
 }
@@ -143,8 +148,23 @@ void with_storage(at::ScalarType dtype, const F& f) {
   }
 }
 
-// The tile of rows p0 .. p0 + n of image b, as [D][n] (rows == false) or [n][D]; *ldz receives its row stride.
-// Read in place where it is T with the layout's contiguous dimension, else converted/gathered into buf.
+// Copies an outer x inner block, src[o * so + k * sk] to dst[o * dout + k * dk], converting.
+template <typename S, typename D>
+DGR_INLINE void copy_block(const S* src, int64_t so, int64_t sk, D* dst, int64_t dout, int64_t dk, int64_t outer, int64_t inner) {
+  for (int64_t o = 0; o < outer; ++o) {
+    const S* s = src + o * so;
+    D* d = dst + o * dout;
+    if (sk == 1 && dk == 1) {
+      for (int64_t k = 0; k < inner; ++k) d[k] = static_cast<D>(s[k]);
+    } else {
+      for (int64_t k = 0; k < inner; ++k) d[k * dk] = static_cast<D>(s[k * sk]);
+    }
+  }
+}
+
+// The tile of rows p0 .. p0 + n of image b, as [D][n] (rows == false) or [n][D], in T; *ldz receives its row
+// stride. Read in place where z3 is T with the layout's contiguous dimension, else staged in buf ([D][ld] or
+// [n][ldd]), the copy's inner loop along z3's smaller stride.
 template <typename T>
 DGR_INLINE const T* tile_z(const Problem<T>& pr, const void* z, int64_t b, int64_t p0, int64_t n, T* buf, int64_t* ldz) {
   const int64_t offset = b * pr.zb + p0 * pr.zp;
@@ -152,56 +172,29 @@ DGR_INLINE const T* tile_z(const Problem<T>& pr, const void* z, int64_t b, int64
     *ldz = pr.rows ? pr.zp : pr.zd;
     return static_cast<const T*>(z) + offset;
   }
-  *ldz = pr.rows ? pr.D : pr.ld;
+  *ldz = pr.rows ? pr.ldd : pr.ld;
+  const int64_t bi = pr.rows ? pr.ldd : 1, bd = pr.rows ? 1 : pr.ld;  // element (i, d) is buf[i * bi + d * bd]
   with_storage<T>(pr.dtype, [&](auto tag) {
-    using S = decltype(tag);
-    const S* base = static_cast<const S*>(z) + offset;
-    if (pr.rows) {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < pr.D; ++d) buf[i * pr.D + d] = static_cast<T>(base[i * pr.zp + d]);
-    } else {
-      for (int64_t d = 0; d < pr.D; ++d)
-        for (int64_t i = 0; i < n; ++i) buf[d * pr.ld + i] = static_cast<T>(base[d * pr.zd + i * pr.zp]);
-    }
+    const auto* base = static_cast<const decltype(tag)*>(z) + offset;
+    if (pr.zp <= pr.zd)
+      copy_block(base, pr.zd, pr.zp, buf, bd, bi, pr.D, n);
+    else
+      copy_block(base, pr.zp, pr.zd, buf, bi, bd, n, pr.D);
   });
   return buf;
 }
 
-// Where dz3's tile cannot be written in place: copy (and convert) the computed tile into it.
+// Where the tile of dz was computed in a buffer (laid out as tile_z's): copy (and convert) it into dz3.
 template <typename T>
 void store_tile(const Problem<T>& pr, const T* buf, int64_t ldb, int64_t n, void* dz, int64_t offset) {
+  const int64_t bi = pr.rows ? ldb : 1, bd = pr.rows ? 1 : ldb;
   with_storage<T>(pr.dtype, [&](auto tag) {
-    using S = decltype(tag);
-    S* out = static_cast<S*>(dz) + offset;
-    if (pr.rows) {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < pr.D; ++d) out[i * pr.op + d * pr.od] = static_cast<S>(buf[i * ldb + d]);
-    } else {
-      for (int64_t d = 0; d < pr.D; ++d)
-        for (int64_t i = 0; i < n; ++i) out[d * pr.od + i * pr.op] = static_cast<S>(buf[d * ldb + i]);
-    }
+    auto* base = static_cast<decltype(tag)*>(dz) + offset;
+    if (pr.op <= pr.od)
+      copy_block(buf, bd, bi, base, pr.od, pr.op, pr.D, n);
+    else
+      copy_block(buf, bi, bd, base, pr.op, pr.od, n, pr.D);
   });
-}
-
-// Prefetches tile t's z and, for the backward writing in place, its dz: a dense tile is D runs of n pixels, one per
-// channel and far apart, too many streams for the hardware prefetchers to follow.
-template <typename T>
-DGR_INLINE void prefetch_tile(const Problem<T>& pr, const void* z, void* dz, int64_t t) {
-  if (t >= pr.tiles) return;
-  const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile, n = std::min(pr.tile, pr.P - p0);
-  const int64_t runs = pr.rows ? n : pr.D, bytes = (pr.rows ? pr.D : n) * pr.esize;
-  if (pr.rows || pr.zp == 1) {
-    const char* base = static_cast<const char*>(z) + (b * pr.zb + p0 * pr.zp) * pr.esize;
-    const int64_t stride = (pr.rows ? pr.zp : pr.zd) * pr.esize;
-    for (int64_t r = 0; r < runs; ++r)
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * stride + o, 0, 3);
-  }
-  if (dz && (pr.rows ? pr.od == 1 : pr.op == 1)) {
-    char* base = static_cast<char*>(dz) + (b * pr.ob + p0 * pr.op) * pr.esize;
-    const int64_t stride = (pr.rows ? pr.op : pr.od) * pr.esize;
-    for (int64_t r = 0; r < runs; ++r)
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + r * stride + o, 1, 3);
-  }
 }
 
 }  // namespace
@@ -317,28 +310,37 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z3, const at::
   Problem<T> pr;
   set_heads(pr, losses, col_offsets, y_offsets);
   set_geometry(pr, z3);
+  const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
+  std::vector<T> A1(C * ldd);
+  const T* W = weight.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) std::copy(W + c * D, W + (c + 1) * D, A1.data() + c * ldd);
   pr.y = y.data_ptr<T>();
   pr.omega = omega.data_ptr<T>();
-  pr.A1 = weight.data_ptr<T>();
+  pr.A1 = A1.data();
   pr.bias1 = b.data_ptr<T>();
   pr.A2 = nullptr;
-  pr.M1 = pr.C;
+  pr.M1 = C;
   // Blocks of at least 1024 rows, and at least 16 rows per logit column so that the partials stay small next to z.
   const int64_t per_block = std::max<int64_t>(1, (std::max<int64_t>(1024, 16 * pr.C) + pr.tile - 1) / pr.tile);
-  const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = pr.C * pr.D + pr.C;
+  const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = C * ldd + C;
   std::vector<T> parts(blocks * slot);
   const void* z = z3.data_ptr();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { dispatch_forward(pr, z, per_block, b0, b1, parts.data()); });
-  at::Tensor sums = at::zeros({slot}, weight.options());
-  T* out = sums.data_ptr<T>();
-  at::parallel_for(0, slot, 2048, [&](int64_t e0, int64_t e1) {
-    for (int64_t k = 0; k < blocks; ++k) {
-      const T* part = parts.data() + k * slot;
-      for (int64_t e = e0; e < e1; ++e) out[e] += part[e];
+  at::Tensor g_w = at::zeros({C, D}, weight.options()), g_b = at::zeros({C}, weight.options());
+  T *gw = g_w.data_ptr<T>(), *gb = g_b.data_ptr<T>();
+  // Row c < C of G_W, or G_b for c == C, summed over the blocks in block order.
+  at::parallel_for(0, C + 1, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* out = c < C ? gw + c * D : gb;
+      const int64_t from = c * ldd, len = c < C ? D : C;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const T* part = parts.data() + k * slot + from;
+        for (int64_t e = 0; e < len; ++e) out[e] += part[e];
+      }
     }
   });
-  return {sums.narrow(0, 0, pr.C * pr.D).view({pr.C, pr.D}).clone(), sums.narrow(0, pr.C * pr.D, pr.C).clone()};
+  return {g_w, g_b};
 }
 
 template <typename T>
@@ -348,17 +350,17 @@ at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const a
   Problem<T> pr;
   set_heads(pr, losses, col_offsets, y_offsets);
   set_geometry(pr, z3);
-  const int64_t C = pr.C, D = pr.D;
+  const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   pr.M1 = C + pr.Ch;
   // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
   const at::Tensor b = bias.contiguous(), gw = gt_w.contiguous(), gb = gt_b.contiguous();
   const T *W = weight.data_ptr<T>(), *bp = b.data_ptr<T>(), *GW = gw.data_ptr<T>(), *GB = gb.data_ptr<T>();
-  std::vector<T> A1(pr.M1 * D), bias1(pr.M1), A2(pr.M1 * D);
+  std::vector<T> A1(pr.M1 * ldd), bias1(pr.M1), A2(pr.M1 * ldd);
   for (int64_t c = 0; c < C; ++c) {
     bias1[c] = bp[c];
     for (int64_t d = 0; d < D; ++d) {
-      A1[c * D + d] = W[c * D + d];
-      A2[c * D + d] = T(2) * GW[c * D + d];
+      A1[c * ldd + d] = W[c * D + d];
+      A2[c * ldd + d] = T(2) * GW[c * D + d];
     }
   }
   for (int64_t t = 0; t < pr.tasks; ++t) {
@@ -367,8 +369,8 @@ at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const a
       const int64_t h = C + pr.h0[t] + (c - pr.c0[t]);
       bias1[h] = T(2) * GB[c];
       for (int64_t d = 0; d < D; ++d) {
-        A1[h * D + d] = T(2) * GW[c * D + d];
-        A2[h * D + d] = W[c * D + d];
+        A1[h * ldd + d] = T(2) * GW[c * D + d];
+        A2[h * ldd + d] = W[c * D + d];
       }
     }
   }
@@ -739,7 +741,8 @@ struct Workspace {
   std::vector<T> dz;  // (backward) the tile of dz, where it cannot be written in place
 
   Workspace(const Problem<T>& pr, bool forward)
-      : z(pr.D * pr.ld), rh(pr.M1 * pr.ld), yo((pr.Cy + pr.tasks) * pr.ld), dz(forward ? 0 : pr.D * pr.ld) {}
+      : z(tile_size(pr)), rh(pr.M1 * pr.ld), yo((pr.Cy + pr.tasks) * pr.ld), dz(forward ? 0 : tile_size(pr)) {}
+  static int64_t tile_size(const Problem<T>& pr) { return pr.rows ? pr.tile * pr.ldd : pr.D * pr.ld; }
 };
 
 template <typename T>
@@ -752,9 +755,9 @@ DGR_INLINE int64_t whole_vectors(int64_t n) {
 template <typename T>
 DGR_INLINE void project(const Problem<T>& pr, const T* z, int64_t ldz, int64_t n, T* out) {
   if (pr.rows)
-    dot(pr.M1, n, pr.D, pr.A1, pr.D, z, ldz, out, pr.ld, pr.bias1, false);
+    dot(pr.M1, n, pr.D, pr.A1, pr.ldd, z, ldz, out, pr.ld, pr.bias1, false);
   else
-    axpy(pr.M1, pr.D, n, pr.A1, pr.D, int64_t(1), z, ldz, out, pr.ld, pr.bias1, false);
+    axpy(pr.M1, pr.D, n, pr.A1, pr.ldd, int64_t(1), z, ldz, out, pr.ld, pr.bias1, false);
   const int64_t width = whole_vectors<T>(n);
   for (int64_t c = 0; c < pr.M1; ++c)
     for (int64_t j = n; j < width; ++j) out[c * pr.ld + j] = T(0);
@@ -788,29 +791,28 @@ DGR_INLINE void residuals(const Problem<T>& pr, int64_t row0, int64_t n, T* s, T
 }
 
 // Forward over blocks [blk0, blk1): block k sums tiles [k * per_block, (k + 1) * per_block) into
-// parts[k] = (G_W [C][D], G_b [C]).
+// parts[k] = (G_W [C][ldd], G_b [C]).
 template <typename T>
 void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts) {
   Workspace<T> ws(pr, true);
   const int64_t C = pr.C, D = pr.D, L = kLanes<T>;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
-    T* G = parts + blk * (C * D + C);
-    T* Gb = G + C * D;
-    std::fill(G, G + C * D + C, T(0));
+    T* G = parts + blk * (C * pr.ldd + C);
+    T* Gb = G + C * pr.ldd;
+    std::fill(G, Gb + C, T(0));
     const int64_t last = std::min(pr.tiles, (blk + 1) * per_block);
     for (int64_t t = blk * per_block; t < last; ++t) {
       const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile;
       const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
       int64_t ldz;
       const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
-      prefetch_tile(pr, z, nullptr, t + 1);
       T* r = ws.rh.data();
       project(pr, zt, ldz, n, r);
       residuals(pr, row0, n, r, static_cast<T*>(nullptr), ws.yo.data());
       if (pr.rows)
-        axpy(C, n, D, r, pr.ld, int64_t(1), zt, ldz, G, D, static_cast<const T*>(nullptr), true);
+        axpy(C, n, D, r, pr.ld, int64_t(1), zt, ldz, G, pr.ldd, static_cast<const T*>(nullptr), true);
       else
-        dot(C, D, n, r, pr.ld, zt, ldz, G, D, static_cast<const T*>(nullptr), true);
+        dot(C, D, n, r, pr.ld, zt, ldz, G, pr.ldd, static_cast<const T*>(nullptr), true);
       const int64_t width = whole_vectors<T>(n);
       for (int64_t c = 0; c < C; ++c) {
         Vec<T> acc{};
@@ -831,7 +833,6 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
     const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
     int64_t ldz;
     const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
-    prefetch_tile(pr, z, dz, t + 1);
     T* rh = ws.rh.data();
     project(pr, zt, ldz, n, rh);
     residuals(pr, row0, n, rh, rh + pr.C * pr.ld, ws.yo.data());
@@ -839,11 +840,11 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
     // In place where dz3 is T and has the compute layout's contiguous dimension; else through the buffer.
     const bool direct = pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
     T* dzt = direct ? static_cast<T*>(dz) + offset : ws.dz.data();
-    const int64_t ldo = direct ? (pr.rows ? pr.op : pr.od) : (pr.rows ? D : pr.ld);
+    const int64_t ldo = direct ? (pr.rows ? pr.op : pr.od) : (pr.rows ? pr.ldd : pr.ld);
     if (pr.rows)
-      axpy(n, pr.M1, D, rh, int64_t(1), pr.ld, pr.A2, D, dzt, ldo, static_cast<const T*>(nullptr), false);
+      axpy(n, pr.M1, D, rh, int64_t(1), pr.ld, pr.A2, pr.ldd, dzt, ldo, static_cast<const T*>(nullptr), false);
     else
-      axpy(D, pr.M1, n, pr.A2, int64_t(1), D, rh, pr.ld, dzt, ldo, static_cast<const T*>(nullptr), false);
+      axpy(D, pr.M1, n, pr.A2, int64_t(1), pr.ldd, rh, pr.ld, dzt, ldo, static_cast<const T*>(nullptr), false);
     if (!direct) store_tile(pr, dzt, ldo, n, dz, offset);
   }
 }
