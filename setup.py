@@ -10,7 +10,9 @@ import shutil
 
 from setuptools import find_packages, setup
 
-CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp-simd"]
+# -fopenmp: ATen's at::parallel_for is OpenMP header code, so the extension's own flags decide whether it runs in
+# parallel; the link resolves to the libgomp torch already loaded (same soname), so there is one OpenMP runtime.
+CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
 
 
 def _extensions():
@@ -28,6 +30,7 @@ def _extensions():
                 "dgr_fast._C",
                 sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"],
                 extra_compile_args={"cxx": CXX_FLAGS},
+                extra_link_args=["-fopenmp"],
                 define_macros=[("DGR_FAST_MODULE_NAME", "_C")],
                 optional=True,
             )

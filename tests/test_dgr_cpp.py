@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,6 +160,8 @@ def test_rows_without_any_valid_task_get_exact_zeros():
 @pytest.mark.parametrize("shape,layout", [((2, 16, 40, 50), "contiguous"), ((3000, 24), "contiguous"), ((2, 16, 40, 50), "channels_last")])
 def test_independent_of_thread_count(shape, layout):
     # Several forward blocks (1024+ rows each): their partial sums are added in block order, whatever the threads.
+    # (Only an extension compiled with -fopenmp runs them on several threads; this also catches a blocking that
+    # depends on the thread count.)
     p = _packed(make_case(shape, dtype=torch.float32, layout=layout, seed=10))
     threads = torch.get_num_threads()
     try:
@@ -197,3 +202,13 @@ def test_refuses_bad_arguments():
     gt = torch.zeros_like(p.weight)
     with pytest.raises(RuntimeError, match="gt_w must have shape"):
         BWD(p.z3, p.weight, p.bias, p.y, p.omega, gt[:2], p.bias, *meta)
+
+
+@pytest.mark.skipif(os.environ.get("DGR_FAST_CPU_BASELINE") is not None, reason="already running the baseline copy")
+def test_baseline_copy():
+    # The kernels are compiled twice (AVX2+FMA, and a baseline for other CPUs); on an AVX2 machine only the first runs
+    # unless forced. Run the direct-call tests (every dtype and layout) again on the baseline copy.
+    env = dict(os.environ, DGR_FAST_CPU_BASELINE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -33,14 +33,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #define DGR_INLINE inline __attribute__((always_inline))
+#if !defined(__clang__)
 // The kernels pass vectors only between inlined functions: GCC's note about their ABI does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace dgr_penalty_cpu {
 namespace {
@@ -200,9 +203,9 @@ void store_tile(const Problem<T>& pr, const T* buf, int64_t ldb, int64_t n, void
 }  // namespace
 }  // namespace dgr_penalty_cpu
 
-// The two copies of the kernels (the #else branch at the end of this file).
+// The two copies of the kernels (the #else branch at the end of this file). The AVX2 copy needs GCC's target pragma.
 #define DGR_PENALTY_KERNELS
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DGR_HAVE_AVX2_COPY 1
 #define DGR_VEC_BYTES 32
 #pragma GCC push_options
@@ -234,8 +237,10 @@ namespace dgr_penalty_cpu {
 namespace {
 
 #if DGR_HAVE_AVX2_COPY
+// DGR_FAST_CPU_BASELINE=1 forces the baseline copy, so that tests reach it on AVX2 machines. Read once.
 bool use_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("DGR_FAST_CPU_BASELINE") == nullptr;
   return yes;
 }
 #endif
