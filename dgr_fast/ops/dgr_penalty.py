@@ -37,8 +37,6 @@ from dgr_fast.reference import dgr as ref
 LOSS_CODES = {"ce": 0, "bce": 1, "mse": 2, "l1": 3}
 NORMS = ("squared", "l2")
 IMPLEMENTED = ("cuda", "triton", "cpp", "torch", "reference")
-FUSED = ("cuda", "triton", "cpp")
-HALF = (torch.float16, torch.bfloat16)
 DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
