@@ -10,29 +10,33 @@ pays no read-for-ownership on its writes):
 Shapes: P from 1M up (split into 8 tensors), K in 2, 3, 8, 40; and the parameter shapes of a ResNet-18 trunk
 (11.2M parameters in 60 tensors) with K = 4. Per-task gradients: loop vs batched on a small conv encoder.
 
-    python benchmarks/bench_adatask.py [--quick] [--max-gib 6]
+    python benchmarks/bench_adatask.py [--device cpu|cuda] [--quick] [--max-gib 6] [--parts synthetic,resnet,grads]
+                                       [--sizes 1,4] [--tasks 2,8] [--out DIR]
 
-Prints a table and writes CSV files to benchmarks/out/.
+Prints a table per part and writes ``adatask_step_<device>_<time>.csv`` with its plot (``.png``, time / floor, when
+matplotlib is installed) and ``adatask_grads_<device>_<time>.csv`` to ``--out`` (default ``benchmarks/out``); the
+time stamp keeps earlier runs, whose figures moved with the load of a shared machine.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-import dgr_fast
-from dgr_fast import AdaTask
-from dgr_fast.backends import backend_status
-from dgr_fast.mtl import per_task_grads
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import dgr_fast  # noqa: E402
+from dgr_fast import AdaTask  # noqa: E402
+from dgr_fast.backends import backend_status  # noqa: E402
+from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
+from dgr_fast.mtl import per_task_grads  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+PARTS = ("synthetic", "resnet", "grads")
 
 
 def resnet18_trunk_shapes() -> list[tuple[int, ...]]:
@@ -172,21 +176,40 @@ def bench_grads(device, K, mode, reps, batch=32):
     return timer(device)(fn, reps), sum(p.numel() for p in params)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="P = 1M only, K = 2 and 8, fewer repetitions")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers (an argparse type)."""
+    return [int(x) for x in text.split(",")]
+
+
+def float_list(text: str) -> list[float]:
+    """Comma-separated numbers (an argparse type)."""
+    return [float(x) for x in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), measure, print the tables and write the files."""
+    ap = bench_parser(__doc__, __file__, "P = 1M only, K = 2 and 8, fewer repetitions")
     ap.add_argument("--max-gib", type=float, default=6.0, help="skip shapes whose tensors exceed this many GiB")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--resnet-only", action="store_true", help="only the ResNet-18 trunk step (and no gradient cost)")
-    args = ap.parse_args()
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run: synthetic (the P x K step grid), resnet (the ResNet-18 trunk "
+                         "step), grads (per-task gradients); default all")
+    ap.add_argument("--resnet-only", action="store_true", help="only the ResNet-18 trunk step (same as --parts resnet)")
+    ap.add_argument("--sizes", type=float_list, default=None, metavar="MI",
+                    help="synthetic P, in Mi parameters, comma-separated (default 1,4,16, on CUDA also 64,100; --quick: 1)")
+    ap.add_argument("--tasks", type=int_list, default=None, metavar="K",
+                    help="synthetic K, comma-separated (default 2,3,8,40; --quick: 2,8)")
+    args = ap.parse_args(argv)
+    parts = {"resnet"} if args.resnet_only else set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        ap.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
     device = torch.device(args.device)
     reps = args.reps or (3 if args.quick else 7)
-    sizes = [1 << 20] if args.quick else [1 << 20, 4 << 20, 16 << 20]
+    sizes = [1] if args.quick else [1, 4, 16]
     if device.type == "cuda":
-        sizes += [] if args.quick else [64 << 20, 100 << 20]
-    tasks = [2, 8] if args.quick else [2, 3, 8, 40]
-    os.makedirs(OUT, exist_ok=True)
+        sizes += [] if args.quick else [64, 100]
+    sizes = args.sizes or sizes
+    tasks = args.tasks or ([2, 8] if args.quick else [2, 3, 8, 40])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     copy_size = 256 << 20 if device.type == "cpu" else 2 << 30
@@ -196,8 +219,8 @@ def main() -> None:
     print(f"# copy bandwidth (copy_ of {copy_size >> 20} MiB, read + write): {bw / 1e9:.2f} GB/s at start; "
           "re-measured before every case, whose floor uses its own measurement")  # fmt: skip
     rows = []
-    cases = [] if args.resnet_only else [(f"P={P >> 20}M", synthetic_shapes(P), K) for P in sizes for K in tasks]
-    cases.append(("resnet18-trunk", resnet18_trunk_shapes(), 4))
+    cases = [(f"P={m:g}M", synthetic_shapes(int(m * 2**20)), K) for m in sizes for K in tasks] if "synthetic" in parts else []
+    cases += [("resnet18-trunk", resnet18_trunk_shapes(), 4)] if "resnet" in parts else []
     header = f"{'case':>16} {'K':>3} {'provider':>8} {'ms/step':>10} {'GB/s':>7} {'copy GB/s':>9} {'floor ms':>9} {'x floor':>8} {'x inpl':>7} {'vs loop':>8}"
     print(header)
     for name, shapes, K in cases:
@@ -220,13 +243,11 @@ def main() -> None:
             rows.append(row)
             print(f"{name:>16} {K:>3} {prov:>8} {row['ms']:>10.2f} {row['gbps']:>7.2f} {row['copy_gbps']:>9.2f} {row['floor_ms']:>9.2f} "
                   f"{row['x_floor']:>8.2f} {row['x_inplace_floor']:>7.2f} {row['speedup_vs_loop']:>8.2f}")  # fmt: skip
-    path = os.path.join(OUT, f"adatask_step_{device.type}_{stamp}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# wrote {path}")
-    if args.resnet_only:
+    path = os.path.join(args.out, f"adatask_step_{device.type}_{stamp}")
+    write_csv(path + ".csv", rows)
+    bar_plot(path + ".png", rows, lambda r: f"{r['case']} K={r['K']}", "provider", "x_floor",
+             "time / floor (1 = at the floor)", log=True)
+    if "grads" not in parts:
         return
 
     print("\n# per-task gradients of a 4-conv encoder (batch 32, 32x32), forward included")
@@ -239,12 +260,7 @@ def main() -> None:
             loop_s = s if mode == "loop" else loop_s
             grows.append(dict(K=K, mode=mode, P=P, ms=s * 1e3, speedup_vs_loop=loop_s / s))
             print(f"{K:>3} {mode:>8} {s * 1e3:>10.2f} {loop_s / s:>8.2f}")
-    path = os.path.join(OUT, f"adatask_grads_{device.type}_{stamp}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(grows[0]))
-        w.writeheader()
-        w.writerows(grows)
-    print(f"# wrote {path}")
+    write_csv(os.path.join(args.out, f"adatask_grads_{device.type}_{stamp}.csv"), grows)
 
 
 if __name__ == "__main__":

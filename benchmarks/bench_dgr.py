@@ -1,19 +1,25 @@
 """Benchmark the DGR penalty, forward + backward, per backend, against the floor.
 
-    python benchmarks/bench_dgr.py [--device cpu|cuda] [--quick] [--providers reference,torch,cpp] [--out DIR]
+    python benchmarks/bench_dgr.py [--device cpu|cuda] [--quick] [--providers reference,torch,cpp] [--shapes utkface]
+                                   [--out DIR]
 
-Prints a table and writes ``dgr.csv`` (and ``dgr.png`` when matplotlib is installed) to ``--out``
+Prints a table and writes ``dgr_<device>.csv`` (and ``dgr_<device>.png`` when matplotlib is installed) to ``--out``
 (default ``benchmarks/out``). Each row: median time of ``dgr_penalty(...).backward()``, the extra peak memory over
 the inputs, the floor (max of bytes / measured copy bandwidth and flops / measured matmul rate, both measured in the
 same run) and ``floor / time`` (the achieved fraction of it).
 
 Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4).
+
+CPU peak memory is the rise of the resident set, which follows live memory only when freed blocks go back to the
+system: ``main`` sets glibc's mmap threshold for that with ``mallopt`` (the same setting as
+``MALLOC_MMAP_THRESHOLD_=65536``, which it respects when already set), in-process, so ``main(argv)`` can be called
+from Python as well as run as a script.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import ctypes
 import os
 import statistics
 import sys
@@ -25,6 +31,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import dgr_penalty  # noqa: E402
+from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
 
 
 @dataclass
@@ -130,12 +140,27 @@ def peak_extra_bytes(fn, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     # CPU: the process's resident-set high-water mark, reset before the call (Linux /proc). main() fixes glibc's
-    # mmap threshold so that large blocks go back to the system when freed and RSS follows live memory.
+    # mmap threshold so that large blocks go back to the system when freed and RSS follows live memory. Free heap
+    # pages left resident by earlier work (a caller's, in-process) would take fn's allocations without a rise in RSS:
+    # malloc_trim hands them back first.
+    if hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)
     base = _proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     fn()
     return (_proc_status_kb("VmHWM") - base) * 1024
+
+
+def return_freed_blocks() -> None:
+    """Have glibc serve blocks of 64 KiB and more with mmap, so that freeing one returns it to the system.
+
+    The same as ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (glibc applies that variable through this very
+    call), but it takes effect in a running process, so it needs no re-execution and works in-process."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return  # the caller chose a threshold: glibc applied it at start-up
+    if not hasattr(LIBC, "mallopt") or LIBC.mallopt(M_MMAP_THRESHOLD, 65536) != 1:
+        print("# warning: could not set glibc's mmap threshold (not glibc?): peak_extra_mb may read low")
 
 
 def _proc_status_kb(field: str) -> int:
@@ -146,7 +171,8 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def run(args) -> list[dict]:
+def run(args: argparse.Namespace) -> list[dict]:
+    """Measure every provider on every shape; a row per (shape, provider) with the floor and the speedups."""
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.set_num_threads(args.threads) if device == "cpu" else None
     bandwidth, rate = copy_bandwidth(device), matmul_rate(device, torch.float32)
@@ -154,7 +180,7 @@ def run(args) -> list[dict]:
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     status = dgr_fast.available_backends()
     rows = []
-    for shape in shapes(device, args.quick):
+    for shape in args.shapes:
         inputs = make_inputs(shape, device, dtype)
         z = inputs["features"]
         c = sum(k for _, k in shape.tasks)
@@ -192,54 +218,35 @@ def run(args) -> list[dict]:
 
 
 def report(rows: list[dict], out: str, device: str) -> None:
+    """Print the table; write ``dgr_<device>.csv`` and a plot of floor / time to ``out``."""
     cols = ["shape", "provider", "ms", "floor_ms", "of_floor", "speedup_vs_reference", "speedup_vs_torch", "peak_extra_mb", "z_mb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"dgr_{device}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot)")
-        return
-    shapes_ = list(dict.fromkeys(r["shape"] for r in rows))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(shapes_) * 0.9), 4))
-    width = 0.8 / len(providers)
-    for i, p in enumerate(providers):
-        vals = [next((r["of_floor"] for r in rows if r["shape"] == s and r["provider"] == p), 0) for s in shapes_]
-        ax.bar([j + i * width for j in range(len(shapes_))], vals, width, label=p)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes_))], shapes_, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("floor / time (1 = at the floor)")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"dgr_{device}.png"), dpi=120)
+    write_csv(os.path.join(out, f"dgr_{device}.csv"), rows, cols)
+    bar_plot(os.path.join(out, f"dgr_{device}.png"), rows, lambda r: r["shape"], "provider", "of_floor",
+             "floor / time (1 = at the floor)", log=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    """Parse ``argv`` (default: the command line), measure, print the table and write the files."""
+    p = bench_parser(__doc__, __file__, "fewer shapes and repetitions")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--providers", default=None, help="comma-separated backends (default: all that run on the device)")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of repetitions per measurement")
     p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--max-reference-elements", type=float, default=1e8, help="skip the reference above this many feature elements")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--shapes", default=None, metavar="NAMES",
+                   help="comma-separated parts of shape names: only the shapes whose name contains one (e.g. utkface,C=16)")
     args = p.parse_args(argv)
-    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # Freed large blocks must return to the system for the RSS-based peak memory to mean anything.
-        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    args.shapes = [s for s in shapes(args.device, args.quick)
+                   if args.shapes is None or any(part in s.name for part in args.shapes.split(","))]
+    if not args.shapes:
+        p.error("--shapes matches none of: " + ", ".join(s.name for s in shapes(args.device, args.quick)))
+    if args.device == "cpu":
+        return_freed_blocks()  # before any measurement: the peak-memory figure reads the resident set
     default = ["reference", "torch", "cpp"] if args.device == "cpu" else ["reference", "torch", "triton", "cuda"]
     args.providers = args.providers.split(",") if args.providers else default
     if args.quick:

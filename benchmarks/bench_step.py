@@ -6,13 +6,13 @@ A small convolutional encoder (features [B, 64, H, W]) with three dense tasks (s
 ignore_index, depth and normals with masked L1), K = 3. For every method: the median step time without DGR, and
 with DGR computed by the fused backend (`cpp` on CPU, `cuda`/`triton` on GPU), by the `torch` closed form, by
 autograd double backward (`reference`), and, for equal weighting, by the authors' finite-difference estimate. The
-DGR overhead is the extra time over the same method without it. Writes ``step_<device>.csv``.
+DGR overhead is the extra time over the same method without it. Prints a table and writes ``step_<device>.csv`` and
+``step_<device>.png`` (time per step, when matplotlib is installed) to ``--out`` (default ``benchmarks/out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import AdaTask, DummyHeads, DummyTask  # noqa: E402
+from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
 from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
 from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
 from dgr_fast.mtl.step import MTLStep  # noqa: E402
@@ -112,7 +113,8 @@ def fd_step(model, opt_step: MTLStep, data, lam, dummy: DummyHeads):
     opt_step.optimizer.step()
 
 
-def run(args):
+def run(args: argparse.Namespace) -> list[dict]:
+    """Time a step of every method with each DGR variant; a row per (method, variant) with the overhead."""
     device = args.device
     if device == "cpu":
         torch.set_num_threads(args.threads)
@@ -121,6 +123,7 @@ def run(args):
     data = batch(args.batch, args.height, args.width, device)
     methods = ["ew", "pcgrad", "adatask"] if args.quick else list(METHODS) + ["adatask"]
     rows = []
+    print(f"{'method':>9} {'dgr':>9} {'ms/step':>9} {'overhead':>9}")
     for method in methods:
         base = None
         for dgr in [None, fused, "torch", "reference", "fd"]:
@@ -142,30 +145,26 @@ def run(args):
             t = median_time(fn, device, args.reps)
             base = t if dgr is None else base
             rows.append(dict(method=method, dgr=dgr or "none", ms=t * 1e3, overhead_pct=100 * (t / base - 1)))
-            print(f"{method:9s} dgr={dgr or 'none':9s} {t * 1e3:9.1f} ms  (+{100 * (t / base - 1):.1f}%)", flush=True)
+            print(f"{method:>9} {dgr or 'none':>9} {t * 1e3:>9.1f} {100 * (t / base - 1):>+8.1f}%", flush=True)
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true")
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), measure, print the table and write the files."""
+    p = bench_parser(__doc__, __file__, "three methods (ew, pcgrad, adatask), 2 repetitions")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dgr-lambda", type=float, default=0.1)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = p.parse_args(argv)
     if args.quick:
         args.reps = 2
     rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"step_{args.device}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, f"step_{args.device}.csv"), rows)
+    bar_plot(os.path.join(args.out, f"step_{args.device}.png"), rows, lambda r: r["method"], "dgr", "ms",
+             "ms per step", log=True)
 
 
 if __name__ == "__main__":
