@@ -62,7 +62,11 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
+        # `dgr-fast train`: multi-digits and the frozen-feature probe (scikit-learn), the plot, the progress bar,
+        # the UTKFace loader (pillow)
+        "demo": ["scikit-learn", "matplotlib", "tqdm", "pillow"],
     },
+    entry_points={"console_scripts": ["dgr-fast = dgr_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

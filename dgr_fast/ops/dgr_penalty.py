@@ -380,6 +380,14 @@ _fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup_context
 # Public entry points.
 
 
+def dgr_penalty_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str | None = None) -> str:
+    """The backend ``dgr_penalty(..., backend=backend)`` runs on for features of ``device``/``dtype``.
+
+    Resolved as the op resolves it (``$DGR_FAST_BACKEND`` when ``backend`` is None); raises as the op would.
+    """
+    return resolve_backend("dgr_penalty", backend, torch.device(device), dtype, IMPLEMENTED, DTYPES, _missing_kernels)
+
+
 def dgr_penalty_per_task(
     features: Tensor,
     weights: Sequence[Tensor],
@@ -396,7 +404,7 @@ def dgr_penalty_per_task(
     weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
         features, weights, biases, targets, losses, masks, ignore_index, reductions
     )
-    name = resolve_backend("dgr_penalty", backend, features.device, features.dtype, IMPLEMENTED, DTYPES, _missing_kernels)
+    name = dgr_penalty_backend(features.device, features.dtype, backend)
     if name == "reference":
         acc = accumulation_dtype(features.dtype)
         return ref.linear_penalties(

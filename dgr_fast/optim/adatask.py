@@ -195,6 +195,12 @@ def _step_triton(params, grads, exp_avgs, exp_avg_sqs, coef, steps, *, lr, beta1
     )  # fmt: skip
 
 
+def adatask_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str | None = None) -> str:
+    """The backend ``AdaTask(..., backend=backend)`` steps parameters of ``device``/``dtype`` with (resolved as the
+    step resolves it: ``$DGR_FAST_BACKEND`` when ``backend`` is None; raises as the step would)."""
+    return resolve_backend("adatask_step", backend, torch.device(device), dtype, _IMPLEMENTED, _DTYPES)
+
+
 def _load_extension(backend: str) -> None:
     # Importing the extension module runs its TORCH_LIBRARY registrations; resolve_backend has already checked
     # that it imports.
@@ -483,7 +489,7 @@ class AdaTask(Optimizer):
                 ps.append(p)
                 gs.append(g2)
             for (device, dtype), (ps, gs) in buckets.items():
-                backend = resolve_backend("adatask_step", self.backend, device, dtype, _IMPLEMENTED, _DTYPES)
+                backend = adatask_backend(device, dtype, self.backend)
                 work.append((group, ps, gs, device, dtype, backend))
         if grad_scale is not None or found_inf is not None:
             found_inf = self._fold_task_grad_nonfinite(grads, found_inf)

@@ -1,0 +1,285 @@
+"""The command line: ``dgr-fast train`` (train and compare MTL methods on a data set) and ``dgr-fast bench``.
+
+    dgr-fast train                              # the default comparison on multi-digits, CPU, a few minutes
+    dgr-fast train --compare ew,pcgrad,pcgrad+dgr --epochs 5 --probe
+    dgr-fast train --dataset nyuv2 --data-dir ~/data/nyuv2 --method cagrad --dgr 0.1 --optimizer sgd --lr 0.1
+    dgr-fast bench dgr --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_COMPARE = "ew,ew+dgr,adatask,adatask+dgr"
+# Per data set: what a run uses unless told otherwise. lambda and the optimizer settings of nyuv2/utkface are the DGR
+# paper's (PAPERS.md); the epochs are cut to what a CPU finishes (the paper trains 300 / 100 epochs).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "multi-digits": {"epochs": 8, "batch_size": 64, "lr": 1e-3, "dgr": 0.1},
+    "synthetic": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "dgr": 0.1},
+    "nyuv2": {"epochs": 10, "batch_size": 4, "lr": 1e-4, "dgr": 0.1},
+    "utkface": {"epochs": 10, "batch_size": 64, "lr": 1e-5, "dgr": 1e-6},
+}
+# Options some data sets take: --flag -> load_dataset keyword.
+DATASET_OPTIONS = {"correlation": float, "num_tasks": int, "downsample": int, "image_size": int}
+
+
+class CLIError(Exception):
+    """Bad arguments or data: printed as one line, exit status 2."""
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dgr_fast.backends import BACKENDS
+    from dgr_fast.benchmarks import BENCHMARKS
+    from dgr_fast.data import DATASETS
+    from dgr_fast.mtl import METHODS
+    from dgr_fast.train.trainer import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(prog="dgr-fast", description="Fused multi-task learning: train and benchmark.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    t = commands.add_parser("train", help="train a multi-task model with one or several methods",
+                            description="Train a hard-parameter-sharing model; with no method options, compare "
+                                        f"{DEFAULT_COMPARE} on multi-digits.")
+    t.add_argument("--dataset", default="multi-digits", choices=DATASETS)
+    t.add_argument("--data-dir", help="the data folder (nyuv2, utkface)")
+    t.add_argument("--train-size", type=_positive(int), help="samples to generate / use of the training split")
+    t.add_argument("--test-size", type=_positive(int), help="samples to generate / use of the test split")
+    for flag, kind in DATASET_OPTIONS.items():
+        t.add_argument("--" + flag.replace("_", "-"), type=kind, help="data set option (see dgr_fast.data)")
+    t.add_argument("--method", choices=tuple(METHODS), help="loss weighting or gradient aggregator (default ew)")
+    t.add_argument("--dgr", type=_non_negative_float, metavar="LAMBDA", help="DGR penalty weight (0: none)")
+    t.add_argument("--dgr-backend", choices=BACKENDS, help="backend of the DGR penalty (default: automatic)")
+    t.add_argument("--dgr-resample", choices=("never", "step", "epoch"), default="never", help="when dummy heads are redrawn")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
+    t.add_argument("--sam", type=_non_negative_float, metavar="RHO", help="task-based SAM with this radius (0: none)")
+    t.add_argument("--meta", action="store_true", help="single-gradient-step meta MTL")
+    t.add_argument("--meta-alpha", type=_positive(float), help="meta inner step size (default: --lr)")
+    t.add_argument("--grad-mode", choices=("loop", "batched"), default="loop", help="how per-task gradients are taken")
+    t.add_argument("--compare", metavar="SPECS",
+                   help="comma-separated method specs, e.g. ew,ew+dgr,adatask,adatask+dgr,pcgrad+dgr=0.01,cagrad+sam")
+    t.add_argument("--epochs", type=_positive(int))
+    t.add_argument("--batch-size", type=_positive(int))
+    t.add_argument("--lr", type=_positive(float))
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--probe", action="store_true", help="evaluate frozen features with a linear probe and k-NN")
+    t.add_argument("--out", default="runs", help="folder for the JSON result and the plot (default runs/)")
+    t.add_argument("--json", metavar="PATH", help="the JSON result (default OUT/DATASET.json)")
+    t.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+
+    b = commands.add_parser("bench", help="run the benchmarks (needs the source checkout's benchmarks/ folder)")
+    b.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
+    b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    b.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    b.add_argument("--out", help="folder for the CSV files and plots (default benchmarks/out)")
+    return parser
+
+
+def _specs(args: argparse.Namespace, defaults: dict[str, Any]) -> list:
+    from dgr_fast.train.trainer import RunConfig, SpecError, check_config, parse_spec
+
+    single = any(v not in (None, False) for v in (args.method, args.dgr, args.optimizer, args.sam, args.meta))
+    if args.compare and args.meta:
+        raise CLIError("--meta and --compare: write meta into a spec instead (e.g. --compare ew,meta)")
+    optimizer = args.optimizer or "adam"
+    dgr = args.dgr if args.dgr else defaults["dgr"]
+    sam = args.sam if args.sam else 2.0  # TaskSAM's default radius (the authors' adaptive-form value)
+    if args.compare or not single:
+        texts = [s for s in (args.compare or DEFAULT_COMPARE).split(",") if s.strip()]
+        if not texts:
+            raise CLIError("--compare: no method specs given")
+        return [parse_spec(s, optimizer=optimizer, dgr_lambda=dgr, sam_rho=sam) for s in texts]
+    config = RunConfig(spec="", method=args.method or "ew", optimizer=optimizer, dgr_lambda=args.dgr or 0.0,
+                       sam_rho=args.sam or 0.0, meta=args.meta)
+    parts = [config.method] + ([config.optimizer] if args.optimizer else []) + (["meta"] if config.meta else [])
+    parts += [f"sam={config.sam_rho:g}"] if config.sam_rho else []
+    parts += [f"dgr={config.dgr_lambda:g}"] if config.dgr_lambda else []
+    config = RunConfig(**{**asdict(config), "spec": "+".join(parts)})
+    try:
+        check_config(config)
+    except SpecError as err:
+        raise CLIError(str(err).replace(f"spec {config.spec!r}", "these options")) from None
+    return [config]
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    import dgr_fast
+
+    found = {}
+    for name in ("torch", "triton", "numpy", "scikit-learn"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return {"dgr_fast": dgr_fast.__version__, "python": platform.python_version(), **found}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _plot(runs: list[dict], tasks, path: Path) -> str | None:
+    """Per-task test metric per epoch, one line per spec. Returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for run in runs:
+            ax.plot([e["epoch"] for e in run["epochs"]], [e["metrics"][task.name] for e in run["epochs"]],
+                    marker="o", markersize=3, label=run["spec"])
+        arrow = "higher is better" if task.higher_is_better else "lower is better"
+        ax.set(title=f"{task.name}: {task.metric}", xlabel="epoch", ylabel=f"{task.metric} ({arrow})")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def train_command(args: argparse.Namespace) -> dict[str, Any]:
+    from dgr_fast.data import load_dataset
+    from dgr_fast.train.metrics import delta_m
+    from dgr_fast.train.probe import probe
+    from dgr_fast.train.trainer import TrainSettings, train
+
+    defaults = DATASET_DEFAULTS[args.dataset]
+    configs = _specs(args, defaults)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise CLIError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: torch sees no CUDA device here")
+    options = {k: getattr(args, k) for k in DATASET_OPTIONS if getattr(args, k) is not None}
+    try:
+        data = load_dataset(args.dataset, args.data_dir, seed=args.seed, train_size=args.train_size,
+                            test_size=args.test_size, **options)
+    except TypeError as err:  # an option this data set does not take
+        raise CLIError(str(err)) from None
+    settings = TrainSettings(
+        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
+        lr=args.lr or defaults["lr"], device=str(device), seed=args.seed, dgr_backend=args.dgr_backend,
+        dgr_resample=args.dgr_resample, grad_mode=args.grad_mode, meta_alpha=args.meta_alpha,
+    )
+    print(f"dgr-fast train: {args.dataset} ({len(data.train)} train / {len(data.test)} test samples, tasks "
+          + ", ".join(f"{t.name} [{t.metric}, {'higher' if t.higher_is_better else 'lower'} is better]" for t in data.tasks)
+          + f"), {settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, device {device}, "
+          f"seed {settings.seed}, {torch.get_num_threads()} threads")
+    runs = []
+    for config in configs:
+        print(f"{config.spec}: method {config.method}, optimizer {config.optimizer}"
+              + (f", dgr lambda {config.dgr_lambda:g}" if config.dgr_lambda else "")
+              + (f", sam rho {config.sam_rho:g}" if config.sam_rho else "") + (", meta" if config.meta else ""))
+        model, record = train(data, config, settings)
+        if args.probe:
+            record["probe"] = probe(model, data.train, data.test, device, seed=settings.seed)
+        runs.append(record)
+    for run in runs:
+        run["delta_m"] = delta_m(run["final"], runs[0]["final"], data.tasks)
+
+    names = [t.name for t in data.tasks]
+    header = [f"{t.name} {t.metric} {'^' if t.higher_is_better else 'v'}" for t in data.tasks]
+    header += [f"delta_m % vs {runs[0]['spec']}", "step ms", "DGR share", "DGR backend"]
+    rows = [[run["spec"]] + [_fmt(run["final"][n]) for n in names]
+            + [_fmt(run["delta_m"], "+.2f"), _fmt(run["step_ms"], ".2f"),
+               _fmt(None if run["dgr_share"] is None else 100 * run["dgr_share"], ".1f") + ("%" if run["dgr_share"] else ""),
+               run["backends"]["dgr_penalty"] or "-"]
+            for run in runs]
+    print("\nTest metrics after the last epoch (^ higher is better, v lower is better); DGR share: the penalty's "
+          "forward + gradient, timed alone, over the median training step")
+    print(_table(["spec"] + header, rows))
+    if args.probe:
+        print("\nFrozen-feature probes (test metric of a linear model and of 5-NN fitted on the encoder's features)")
+        print(_table(["spec"] + [f"{n} {kind}" for n in names for kind in ("linear", "knn")],
+                     [[run["spec"]] + [_fmt(run["probe"][n][kind]) for n in names for kind in ("linear", "knn")]
+                      for run in runs]))
+
+    result = {
+        "schema": "dgr-fast/train/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["dgr-fast", *sys.argv[1:]],
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "dataset": {"name": args.dataset, "data_dir": args.data_dir, "train_samples": len(data.train),
+                    "test_samples": len(data.test), "options": {"train_size": args.train_size,
+                                                                "test_size": args.test_size, **options},
+                    "tasks": [{**asdict(t), "higher_is_better": t.higher_is_better} for t in data.tasks]},
+        "settings": asdict(settings),
+        "probe": args.probe,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / f"{args.dataset}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    print(f"\nwrote {json_path}")
+    if not args.no_plot:
+        png = json_path.with_suffix(".png")
+        note = _plot(runs, data.tasks, png)
+        print(note or f"wrote {png}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dgr_fast.data import DataError
+
+    try:
+        if args.command == "train":
+            train_command(args)
+            return 0
+        from dgr_fast.benchmarks import run_benchmarks
+
+        return run_benchmarks(args.which, quick=args.quick, device=args.device, out=args.out)
+    except (CLIError, DataError, ValueError, RuntimeError, ImportError, OSError) as err:
+        # Bad arguments and bad data folders: one line that says what is wrong, never a traceback.
+        print(f"dgr-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dgr-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

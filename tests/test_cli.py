@@ -1,0 +1,196 @@
+"""`dgr-fast train` end to end on tiny settings, its JSON, determinism, the losses and metrics it uses, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_data import faces_dir, nyuv2_dir  # noqa: F401  (fixtures)
+
+from dgr_fast import DummyHeads, DummyTask
+from dgr_fast.cli import DEFAULT_COMPARE, main
+from dgr_fast.data import TaskSpec
+from dgr_fast.reference import module_penalty
+from dgr_fast.train.metrics import Metric, delta_m, task_loss, valid_mask
+from dgr_fast.train.trainer import SpecError, parse_spec
+
+TINY = ["--train-size", "48", "--test-size", "24", "--epochs", "2", "--batch-size", "16"]
+
+
+def run_cli(tmp_path, *args: str) -> dict:
+    path = tmp_path / "result.json"
+    assert main(["train", *args, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_default_comparison_on_multi_digits(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    result = run_cli(tmp_path, *TINY, "--probe")
+    out = capsys.readouterr().out
+    assert [r["spec"] for r in result["runs"]] == DEFAULT_COMPARE.split(",")
+    assert result["dataset"]["name"] == "multi-digits"
+    assert "delta_m % vs ew" in out and "Frozen-feature probes" in out
+    names = [t["name"] for t in result["dataset"]["tasks"]]
+    assert names == ["left", "right", "sum"]
+    for run in result["runs"]:
+        assert len(run["epochs"]) == 2 and set(run["final"]) == set(names)
+        assert all(math.isfinite(v) for v in run["final"].values())
+        assert set(run["probe"]) == set(names) and all(set(p) == {"linear", "knn"} for p in run["probe"].values())
+        has_dgr = "dgr" in run["spec"]
+        assert (run["dgr_share"] is not None) == has_dgr and (run["backends"]["dgr_penalty"] is not None) == has_dgr
+        assert (run["backends"]["adatask"] is not None) == ("adatask" in run["spec"])
+    assert result["runs"][0]["delta_m"] == 0.0
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "result.png").stat().st_size > 0
+
+
+def test_json_records_versions_settings_and_every_hyper_parameter(tmp_path):
+    result = run_cli(tmp_path, "--dataset", "synthetic", *TINY, "--method", "cagrad", "--dgr", "0.05",
+                     "--optimizer", "sgd", "--lr", "0.01", "--seed", "3", "--grad-mode", "batched", "--no-plot")
+    assert result["schema"] == "dgr-fast/train/1"
+    assert result["versions"]["torch"] == torch.__version__
+    assert result["versions"]["dgr_fast"] and result["machine"]["torch_threads"] >= 1
+    assert result["settings"] == {"epochs": 2, "batch_size": 16, "lr": 0.01, "device": "cpu", "seed": 3,
+                                  "dgr_backend": None, "dgr_resample": "never", "grad_mode": "batched",
+                                  "meta_alpha": None, "eval_batch_size": 256}
+    (run,) = result["runs"]
+    assert run["config"] == {"spec": "cagrad+sgd+dgr=0.05", "method": "cagrad", "optimizer": "sgd",
+                             "dgr_lambda": 0.05, "sam_rho": 0.0, "meta": False}
+    assert run["backends"]["dgr_penalty"] in ("cpp", "torch")
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_every_kind_of_step_runs(tmp_path):
+    specs = "ew,dwa+dgr,uw,rlw+sgd,pcgrad+dgr=0.01,imtl,mgda,graddrop,nashmtl+dgr,cagrad+sam=0.05+dgr,ew+sam,meta"
+    result = run_cli(tmp_path, "--dataset", "synthetic", *TINY, "--compare", specs, "--no-plot")
+    assert [r["spec"] for r in result["runs"]] == specs.split(",")
+    for run in result["runs"]:
+        assert all(math.isfinite(v) for v in run["final"].values()), run["spec"]
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
+    args = ["--dataset", "synthetic", *TINY, "--compare", "ew+dgr,adatask", "--no-plot"]
+    first, again = run_cli(tmp_path, *args), run_cli(tmp_path, *args)
+    other = run_cli(tmp_path, *args, "--seed", "1")
+    epochs = lambda r: [[e["metrics"] | e["train_loss"] for e in run["epochs"]] for run in r["runs"]]  # noqa: E731
+    assert epochs(first) == epochs(again)
+    assert epochs(first) != epochs(other)
+
+
+def test_dense_data_trains_with_masked_losses(tmp_path, nyuv2_dir):  # noqa: F811
+    root, _ = nyuv2_dir
+    result = run_cli(tmp_path, "--dataset", "nyuv2", "--data-dir", str(root), "--epochs", "1", "--batch-size", "2",
+                     "--compare", "ew,ew+dgr", "--probe", "--no-plot")
+    assert [t["metric"] for t in result["dataset"]["tasks"]] == ["miou", "abs_err", "angle_err"]
+    for run in result["runs"]:
+        assert all(math.isfinite(v) for v in run["final"].values())
+        assert all(math.isfinite(v) for p in run["probe"].values() for v in p.values())
+
+
+def test_utkface_trains(tmp_path, faces_dir):  # noqa: F811
+    result = run_cli(tmp_path, "--dataset", "utkface", "--data-dir", str(faces_dir), "--image-size", "16",
+                     "--epochs", "1", "--compare", "ew,adatask+dgr", "--no-plot")
+    assert [t["name"] for t in result["dataset"]["tasks"]] == ["age", "gender", "race"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "ew,foo"], "unknown token 'foo'"),
+    (["--compare", "pcgrad+adatask"], "adatask balances tasks itself"),
+    (["--compare", "ew+meta+dgr"], "meta is its own gradient rule"),
+    (["--method", "uw", "--optimizer", "adatask"], "these options: uw learns its weights"),
+    (["--compare", "ew+dgr=abc"], "dgr= needs a number"),
+    (["--dataset", "nyuv2"], "pass data_dir"),
+    (["--dataset", "multi-digits", "--correlation", "0.3"], "has no option correlation"),
+    (["--dataset", "synthetic", "--correlation", "1.5"], "correlation"),
+    (["--device", "cuda:0"], "no CUDA device") if not torch.cuda.is_available() else (["--device", "tpu"], "device"),
+    (["--dataset", "synthetic", "--dgr", "0.1", "--dgr-backend", "cuda"], "cuda"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    assert main(["train", *args, "--out", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_data_folder_through_the_console_script(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dgr_fast", "train", "--dataset", "nyuv2", "--data-dir",
+                           str(tmp_path / "missing")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and str(tmp_path / "missing") in proc.stderr
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epochs", "0"])
+    assert exit_.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_parse_spec():
+    config = parse_spec("pcgrad+sgd+dgr", optimizer="adam", dgr_lambda=0.3, sam_rho=2.0)
+    assert (config.method, config.optimizer, config.dgr_lambda, config.sam_rho) == ("pcgrad", "sgd", 0.3, 0.0)
+    assert parse_spec("adatask", optimizer="adam", dgr_lambda=0.3, sam_rho=2.0).method == "ew"
+    assert parse_spec("ew+sam=0.1", optimizer="adam", dgr_lambda=0.3, sam_rho=2.0).sam_rho == 0.1
+    for bad in ("ew+pcgrad", "dgr=0", "adatask+sam", "adam=1"):
+        with pytest.raises(SpecError):
+            parse_spec(bad, optimizer="adam", dgr_lambda=0.3, sam_rho=2.0)
+
+
+@pytest.mark.parametrize("task", [
+    TaskSpec("cls", "ce", 5, "accuracy", ignore_index=-1),
+    TaskSpec("reg", "mse", 2, "mae"),
+    TaskSpec("seg", "ce", 4, "miou", ignore_index=-1),
+    TaskSpec("depth", "l1", 1, "abs_err", mask_zero=True),
+    TaskSpec("normal", "l1", 3, "angle_err", mask_zero=True),
+])
+def test_dummy_heads_differentiate_the_training_loss(task):
+    """The DGR penalty the trainer adds is the squared gradient norm of the *training* loss w.r.t. the dummy head."""
+    gen = torch.Generator().manual_seed(0)
+    dense = task.metric in ("miou", "abs_err", "angle_err")
+    z = torch.randn((3, 6, 5, 7) if dense else (11, 6), generator=gen, dtype=torch.float64)
+    rows = (3, 5, 7) if dense else (11,)
+    if task.loss == "ce":
+        y = torch.randint(-1, task.out_features, rows, generator=gen)
+    else:
+        y = torch.randn(rows[:1] + (task.out_features,) + rows[1:], generator=gen, dtype=torch.float64)
+        y[torch.rand(y.shape, generator=gen) < 0.3] = 0
+        if task.mask_zero:
+            y[0] = 0  # a whole sample without valid pixels
+    dummy = DummyHeads(6, {task.name: DummyTask(task.loss, task.out_features, reduction=task.reduction,
+                                                ignore_index=task.ignore_index)}, seed=1, dtype=torch.float64,
+                       backend="torch")
+    weight, bias = dummy.weight[0], dummy.bias[0]
+    head = torch.nn.Conv2d(6, task.out_features, 1) if dense else torch.nn.Linear(6, task.out_features)
+    with torch.no_grad():
+        head.double()
+        head.weight.copy_(weight.view_as(head.weight))
+        head.bias.copy_(bias)
+    expected = module_penalty(z, [head], [lambda s: task_loss(task, s, y)])
+    got = dummy(z, {task.name: y}, masks={task.name: valid_mask(task, y)})
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_metrics_on_known_values():
+    seg = TaskSpec("seg", "ce", 3, "miou", ignore_index=-1)
+    m = Metric(seg)
+    y = torch.tensor([0, 0, 1, 2, -1])
+    pred = torch.tensor([0, 1, 1, 1, 2])  # class 0: 1/2, class 1: 1/3, class 2: 0/2 (pixel with -1 left out)
+    m.update(torch.nn.functional.one_hot(pred, 3).float(), y)
+    assert m.compute() == pytest.approx(100 * (1 / 2 + 1 / 3 + 0) / 3)
+    normal = TaskSpec("normal", "l1", 3, "angle_err", mask_zero=True)
+    m = Metric(normal)
+    m.update(torch.tensor([[1.0, 0, 0], [0, 2, 0], [5, 5, 5]]), torch.tensor([[0.0, 1, 0], [0, 1, 0], [0, 0, 0]]))
+    assert m.compute() == pytest.approx(45.0)  # 90 and 0 degrees; the zero target is masked
+    acc = Metric(TaskSpec("c", "ce", 2, "accuracy"))
+    acc.update(torch.tensor([[1.0, 0], [0, 1], [0, 1]]), torch.tensor([0, 0, 1]))
+    assert acc.compute() == pytest.approx(200 / 3)
+
+
+def test_delta_m():
+    tasks = [TaskSpec("a", "ce", 2, "accuracy"), TaskSpec("e", "mse", 1, "mae")]
+    assert delta_m({"a": 90.0, "e": 1.0}, {"a": 90.0, "e": 1.0}, tasks) == 0.0
+    # +10% on a (higher is better), error halved on e (lower is better): (10 + 50) / 2
+    assert delta_m({"a": 99.0, "e": 0.5}, {"a": 90.0, "e": 1.0}, tasks) == pytest.approx(30.0)
+    assert math.isnan(delta_m({"a": 99.0, "e": 0.5}, {"a": 90.0, "e": 0.0}, tasks))
