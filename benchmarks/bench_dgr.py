@@ -11,9 +11,10 @@ same run) and ``floor / time`` (the achieved fraction of it).
 Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4).
 
 CPU peak memory is the rise of the resident set, which follows live memory only when freed blocks go back to the
-system: ``main`` sets glibc's mmap threshold for that with ``mallopt`` (the same setting as
-``MALLOC_MMAP_THRESHOLD_=65536``, which it respects when already set), in-process, so ``main(argv)`` can be called
-from Python as well as run as a script.
+system, and times should see the allocator as a training loop does: ``run`` measures all memory first, then all times,
+and ``malloc_mode`` switches glibc between the two with ``mallopt``, in-process, so ``main(argv)`` can be called from Python as well as run as a script. (With
+``MALLOC_MMAP_THRESHOLD_`` set by the caller, both use that threshold, and the times then pay a fresh mmap and its
+page faults for every large block.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import dgr_fast  # noqa: E402
 from dgr_fast import dgr_penalty  # noqa: E402
 from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
 
 
@@ -139,7 +140,7 @@ def peak_extra_bytes(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    # CPU: the process's resident-set high-water mark, reset before the call (Linux /proc). main() fixes glibc's
+    # CPU: the process's resident-set high-water mark, reset before the call (Linux /proc). malloc_mode fixes glibc's
     # mmap threshold so that large blocks go back to the system when freed and RSS follows live memory. Free heap
     # pages left resident by earlier work (a caller's, in-process) would take fn's allocations without a rise in RSS:
     # malloc_trim hands them back first.
@@ -152,15 +153,22 @@ def peak_extra_bytes(fn, device: str) -> int:
     return (_proc_status_kb("VmHWM") - base) * 1024
 
 
-def return_freed_blocks() -> None:
-    """Have glibc serve blocks of 64 KiB and more with mmap, so that freeing one returns it to the system.
+def malloc_mode(measure_memory: bool) -> None:
+    """Set glibc's allocator for a memory measurement or for a timing.
 
-    The same as ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (glibc applies that variable through this very
-    call), but it takes effect in a running process, so it needs no re-execution and works in-process."""
+    Memory: blocks of 64 KiB and more are served with mmap, so freeing one returns it to the system and the resident
+    set follows live memory (the same as ``MALLOC_MMAP_THRESHOLD_=65536``, applied in the running process). Timing:
+    blocks of up to 32 MiB stay on the heap and freed memory is kept, which is where glibc's own dynamic threshold
+    settles in a training loop once such a block has been freed; with the memory setting every large block would pay
+    a fresh mmap and its page faults. A threshold the caller put in the environment is left alone for both.
+    """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return  # the caller chose a threshold: glibc applied it at start-up
-    if not hasattr(LIBC, "mallopt") or LIBC.mallopt(M_MMAP_THRESHOLD, 65536) != 1:
+        return
+    mmap_threshold, trim_threshold = (64 << 10, 128 << 10) if measure_memory else (32 << 20, 64 << 20)
+    if not hasattr(LIBC, "mallopt") or LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
         print("# warning: could not set glibc's mmap threshold (not glibc?): peak_extra_mb may read low")
+        return
+    LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def _proc_status_kb(field: str) -> int:
@@ -171,6 +179,14 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def penalty_step(inputs: dict, provider: str):
+    """One forward + backward of the penalty on fresh leaf features."""
+    def step():
+        z = inputs["features"].detach().requires_grad_(True)
+        dgr_penalty(**{**inputs, "features": z}, backend=provider).backward()
+    return step
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Measure every provider on every shape; a row per (shape, provider) with the floor and the speedups."""
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -179,33 +195,40 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"# {device}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {rate / 1e9:.1f} GFLOP/s, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     status = dgr_fast.available_backends()
+    runs = [(shape, provider) for shape in args.shapes for provider in args.providers
+            if status[provider].available
+            # autograd double backward of the largest shapes takes minutes on a CPU
+            and not (provider == "reference" and shape.rows * shape.features[1] > args.max_reference_elements)]
+    for provider in args.providers:
+        if not status[provider].available:
+            print(f"  skip {provider}: {status[provider].reason}")
+    # Every memory measurement first, then every timing: once a timing has left freed blocks on the heap, the resident
+    # set no longer rises by exactly what a step allocates.
+    memory = {}
+    if device == "cpu":
+        malloc_mode(measure_memory=True)
+    for shape, provider in runs:
+        step = penalty_step(make_inputs(shape, device, dtype), provider)
+        try:
+            step()  # compiles, loads, starts threads: none of that is the step's memory
+            memory[shape.name, provider] = peak_extra_bytes(step, device)
+        except RuntimeError as exc:
+            print(f"  skip {provider} on {shape.name}: {exc}")
+    if device == "cpu":
+        malloc_mode(measure_memory=False)
     rows = []
-    for shape in args.shapes:
+    for shape, provider in runs:
+        if (shape.name, provider) not in memory:
+            continue
         inputs = make_inputs(shape, device, dtype)
         z = inputs["features"]
         c = sum(k for _, k in shape.tasks)
         floor_bytes = 3 * z.numel() * z.element_size()
         flops = 12 * shape.features[1] * c * shape.rows
         floor = max(floor_bytes / bandwidth, flops / rate)
-        for provider in args.providers:
-            if not status[provider].available:
-                print(f"  skip {provider}: {status[provider].reason}")
-                continue
-            if provider == "reference" and shape.rows * shape.features[1] > args.max_reference_elements:
-                continue  # autograd double backward of the largest shapes takes minutes on a CPU
-
-            def step():
-                zz = z.detach().requires_grad_(True)
-                dgr_penalty(**{**inputs, "features": zz}, backend=provider).backward()
-
-            try:
-                t = median_time(step, device, args.min_time, args.max_reps)
-                mem = peak_extra_bytes(step, device)
-            except RuntimeError as exc:
-                print(f"  skip {provider} on {shape.name}: {exc}")
-                continue
-            rows.append(dict(shape=shape.name, provider=provider, ms=t * 1e3, floor_ms=floor * 1e3, of_floor=floor / t,
-                             peak_extra_mb=mem / 2**20, z_mb=z.numel() * z.element_size() / 2**20))
+        t = median_time(penalty_step(inputs, provider), device, args.min_time, args.max_reps)
+        rows.append(dict(shape=shape.name, provider=provider, ms=t * 1e3, floor_ms=floor * 1e3, of_floor=floor / t,
+                         peak_extra_mb=memory[shape.name, provider] / 2**20, z_mb=z.numel() * z.element_size() / 2**20))
     by_shape: dict[str, dict] = {}
     for r in rows:
         by_shape.setdefault(r["shape"], {})[r["provider"]] = r["ms"]
@@ -245,8 +268,6 @@ def main(argv: list[str] | None = None) -> None:
                    if args.shapes is None or any(part in s.name for part in args.shapes.split(","))]
     if not args.shapes:
         p.error("--shapes matches none of: " + ", ".join(s.name for s in shapes(args.device, args.quick)))
-    if args.device == "cpu":
-        return_freed_blocks()  # before any measurement: the peak-memory figure reads the resident set
     default = ["reference", "torch", "cpp"] if args.device == "cpu" else ["reference", "torch", "triton", "cuda"]
     args.providers = args.providers.split(",") if args.providers else default
     if args.quick:

@@ -76,14 +76,14 @@ def median_time(fn, device, reps):
     return statistics.median(times)
 
 
-def build(method: str, dgr: str | None, device: str, lam: float):
+def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str):
     torch.manual_seed(0)
     model = Model().to(device)
     shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
     dummy = None if dgr in (None, "fd") else DummyHeads(64, TASKS, seed=0, backend=dgr, device=device)
     if method == "adatask":
         opt = AdaTask(shared, num_tasks=3, task_params=heads, lr=1e-4)
-        return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam)
+        return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, grad_mode=grad_mode)
     m = make_method(method, 3)
     extra = []
     if isinstance(m, nn.Module):  # a weighting: it may have parameters (uncertainty weighting's log-variances)
@@ -91,7 +91,7 @@ def build(method: str, dgr: str | None, device: str, lam: float):
         extra = list(m.parameters())
     opt = torch.optim.SGD(shared + heads + extra, lr=1e-3, momentum=0.9)
     kind = {"aggregator": m} if isinstance(m, Aggregator) else {"weighting": m}
-    return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, **kind)
+    return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, grad_mode=grad_mode, **kind)
 
 
 def fd_step(model, opt_step: MTLStep, data, lam, dummy: DummyHeads):
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if dgr in ("cpp", "cuda", "triton") and not status[dgr].available:
                 print(f"  skip {dgr}: {status[dgr].reason}")
                 continue
-            model, step = build(method, dgr, device, args.dgr_lambda)
+            model, step = build(method, dgr, device, args.dgr_lambda, args.grad_mode)
             if dgr == "fd":
                 dummy = DummyHeads(64, TASKS, seed=0, device=device)
                 fn = lambda: fd_step(model, step, data, args.dgr_lambda, dummy)  # noqa: E731
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dgr-lambda", type=float, default=0.1)
+    p.add_argument("--grad-mode", choices=("loop", "batched"), default="loop",
+                   help="how aggregators and AdaTask take per-task gradients (dgr_fast.mtl.per_task_grads)")
     args = p.parse_args(argv)
     if args.quick:
         args.reps = 2

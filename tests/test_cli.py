@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -44,20 +45,28 @@ def test_default_comparison_on_multi_digits(tmp_path, capsys):
         assert (run["dgr_share"] is not None) == has_dgr and (run["backends"]["dgr_penalty"] is not None) == has_dgr
         assert (run["backends"]["adatask"] is not None) == ("adatask" in run["spec"])
     assert result["runs"][0]["delta_m"] == 0.0
-    if pytest.importorskip("matplotlib"):
+    if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "result.png").stat().st_size > 0
+    else:
+        assert "matplotlib is not installed: no plot" in out
 
 
 def test_json_records_versions_settings_and_every_hyper_parameter(tmp_path):
     result = run_cli(tmp_path, "--dataset", "synthetic", *TINY, "--method", "cagrad", "--dgr", "0.05",
                      "--optimizer", "sgd", "--lr", "0.01", "--seed", "3", "--grad-mode", "batched", "--no-plot")
+    assert set(result) == {"schema", "created", "command", "versions", "machine", "dataset", "settings", "probe", "runs"}
     assert result["schema"] == "dgr-fast/train/1"
+    assert result["dataset"]["options"] == {"train_size": 48, "test_size": 24}
     assert result["versions"]["torch"] == torch.__version__
     assert result["versions"]["dgr_fast"] and result["machine"]["torch_threads"] >= 1
     assert result["settings"] == {"epochs": 2, "batch_size": 16, "lr": 0.01, "device": "cpu", "seed": 3,
                                   "dgr_backend": None, "dgr_resample": "never", "grad_mode": "batched",
                                   "meta_alpha": None, "eval_batch_size": 256}
     (run,) = result["runs"]
+    assert set(run) == {"spec", "config", "backends", "epochs", "final", "step_ms", "dgr_penalty_ms", "dgr_share",
+                        "delta_m"}
+    assert set(run["epochs"][0]) == {"epoch", "train_loss", "metrics", "seconds"}
+    assert run["dgr_penalty_ms"] > 0 and run["step_ms"] > 0
     assert run["config"] == {"spec": "cagrad+sgd+dgr=0.05", "method": "cagrad", "optimizer": "sgd",
                              "dgr_lambda": 0.05, "sam_rho": 0.0, "meta": False}
     assert run["backends"]["dgr_penalty"] in ("cpp", "torch")
