@@ -157,29 +157,38 @@ def features_3d(features: Tensor) -> Tensor:
 
 def pack(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Packed:
     """Stack the heads and pack targets and validity into the row-major layout every backend reads."""
-    acc = accumulation_dtype(features.dtype)
+    acc, device = accumulation_dtype(features.dtype), features.device
     z3 = features_3d(features)
-    rows = z3.shape[0] * z3.shape[2]
-    ys, omegas, codes, col_offsets, y_offsets = [], [], [], [0], [0]
-    for k, (w, y, loss, m) in enumerate(zip(weights, targets, losses, masks)):
-        valid = torch.ones(rows, dtype=torch.bool, device=features.device) if m is None else m.reshape(rows)
+    n, p = z3.shape[0], z3.shape[2]
+    widths = [w.shape[0] for w in weights]
+    col_offsets, y_offsets = [0], [0]
+    for loss, c in zip(losses, widths):
+        col_offsets.append(col_offsets[-1] + c)
+        y_offsets.append(y_offsets[-1] + (1 if loss == "ce" else c))
+    # Rows in (b, p) order: y [B, P, Cy] and omega [B, P, T] are [R, Cy] and [R, T]; each task writes its columns
+    # in one strided copy (converting the dtype on the way), with no cat of per-task pieces.
+    y = torch.empty(n, p, y_offsets[-1], dtype=acc, device=device)
+    omega = torch.empty(n, p, len(weights), dtype=acc, device=device)
+    for k, (c, target, loss, m) in enumerate(zip(widths, targets, losses, masks)):
+        valid = None if m is None else m.reshape(n, p)
         if loss == "ce":
-            y = y.reshape(rows)
-            valid = valid & (y != ignore_index[k])
-            ys.append(torch.where(valid, y, 0).to(acc).unsqueeze(1))
+            target = target.reshape(n, p)
+            valid = target != ignore_index[k] if valid is None else valid & (target != ignore_index[k])
+            y[:, :, y_offsets[k]].copy_(torch.where(valid, target, 0))
         else:
-            ys.append(y.to(acc).reshape(z3.shape[0], w.shape[0], z3.shape[2]).transpose(1, 2).reshape(rows, w.shape[0]))
-        count = valid.sum() * (w.shape[0] if loss != "ce" and reductions[k] == "mean" else 1)
-        omegas.append(valid.to(acc) / count.clamp_min(1).to(acc))
-        codes.append(LOSS_CODES[loss])
-        col_offsets.append(col_offsets[-1] + w.shape[0])
-        y_offsets.append(y_offsets[-1] + ys[-1].shape[1])
+            y[:, :, y_offsets[k] : y_offsets[k + 1]].copy_(target.reshape(n, c, p).transpose(1, 2))
+        per_row = c if loss != "ce" and reductions[k] == "mean" else 1  # "mean" averages over elements
+        if valid is None:
+            omega[:, :, k].fill_(1.0 / max(n * p * per_row, 1))
+        else:
+            omega[:, :, k].copy_(valid.to(acc) / (valid.sum() * per_row).clamp_min(1).to(acc))
     weight = torch.cat([w.detach().to(acc) for w in weights])
-    zeros = [torch.zeros(w.shape[0], dtype=acc, device=features.device) for w in weights]
+    zeros = [torch.zeros(c, dtype=acc, device=device) for c in widths]
     bias = torch.cat([z if b is None else b.detach().to(acc) for z, b in zip(zeros, biases)])
     bias_mask = torch.cat([z if b is None else z + 1 for z, b in zip(zeros, biases)])
-    y, omega = torch.cat(ys, 1).contiguous(), torch.stack(omegas, 1).contiguous()
-    return Packed(z3, weight.contiguous(), bias, bias_mask, y, omega, codes, col_offsets, y_offsets)
+    codes = [LOSS_CODES[loss] for loss in losses]
+    return Packed(z3, weight.contiguous(), bias, bias_mask, y.view(n * p, y_offsets[-1]),
+                  omega.view(n * p, len(weights)), codes, col_offsets, y_offsets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
