@@ -37,7 +37,9 @@ def _assert_close(actual, expected, **tol):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "shape,layout",
-    [(s, lay) for s in [(37, 29), (2, 11, 5, 7)] for lay in _layouts(s)] + [((3, 20, 9, 40), "contiguous"), ((300, 40), "contiguous")],
+    [(s, lay) for s in [(37, 29), (2, 11, 5, 7)] for lay in _layouts(s)] + [((3, 20, 9, 40), "contiguous"), ((300, 40), "contiguous")]
+    # many channels: a [D][n] tile of 64 KiB holds few pixels
+    + [((2, 515, 3, 7), lay) for lay in ("contiguous", "sliced", "channels_last")],
 )
 def test_matches_reference(shape, layout, dtype):
     case = make_case(shape, dtype=dtype, layout=layout, seed=len(shape) * 10 + len(layout), empty_task=1)
@@ -126,7 +128,8 @@ def _direct(p, gt_seed=0):
     "shape,layout",
     [((37, 29), lay) for lay in ("contiguous", "transposed", "sliced")]
     + [((2, 11, 5, 7), lay) for lay in ("contiguous", "transposed", "sliced", "channels_last")]
-    + [((3, 9, 1, 131), "contiguous"), ((130, 3), "contiguous"), ((1, 1), "contiguous")],
+    + [((3, 9, 1, 131), "contiguous"), ((130, 3), "contiguous"), ((1, 1), "contiguous")]
+    + [((2, 515, 3, 7), lay) for lay in ("contiguous", "transposed", "sliced")],
 )
 def test_direct_call_writes_everything(shape, layout, dtype):
     # Odd sizes: partial tiles, partial vectors and partial register blocks in every layout the kernels tell apart
