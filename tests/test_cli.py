@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from test_data import faces_dir, nyuv2_dir  # noqa: F401  (fixtures)
 
+import dgr_fast
 from dgr_fast import DummyHeads, DummyTask
 from dgr_fast.cli import DEFAULT_COMPARE, main
 from dgr_fast.data import TaskSpec
@@ -203,3 +205,11 @@ def test_delta_m():
     # +10% on a (higher is better), error halved on e (lower is better): (10 + 50) / 2
     assert delta_m({"a": 99.0, "e": 0.5}, {"a": 90.0, "e": 1.0}, tasks) == pytest.approx(30.0)
     assert math.isnan(delta_m({"a": 99.0, "e": 0.5}, {"a": 90.0, "e": 0.0}, tasks))
+
+
+def test_every_package_folder_is_a_package():
+    """setup.py's find_packages ships only folders with an __init__.py; a folder without one would work in the
+    editable install and be missing from a wheel."""
+    root = pathlib.Path(dgr_fast.__file__).parent
+    folders = {p.parent for p in root.rglob("*.py")} - {root}
+    assert all((folder / "__init__.py").is_file() for folder in folders), sorted(map(str, folders))

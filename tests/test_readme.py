@@ -15,3 +15,11 @@ def test_training_loop_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert all(p.grad is not None for p in namespace["encoder"].parameters())
+
+
+def test_training_api_example_runs():
+    block = next(b for b in python_blocks() if "parse_spec" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert set(namespace["runs"]) == {"ew", "pcgrad+dgr=0.1"}
+    assert namespace["runs"]["pcgrad+dgr=0.1"]["dgr_share"] is not None
