@@ -213,3 +213,14 @@ def test_every_package_folder_is_a_package():
     root = pathlib.Path(dgr_fast.__file__).parent
     folders = {p.parent for p in root.rglob("*.py")} - {root}
     assert all((folder / "__init__.py").is_file() for folder in folders), sorted(map(str, folders))
+
+
+def test_meta_needs_two_samples_per_batch(tmp_path, capsys):
+    # 33 samples in batches of 16: the last batch holds one sample, which meta cannot split; it is left out
+    result = run_cli(tmp_path, "--dataset", "synthetic", "--train-size", "33", "--test-size", "8", "--epochs", "1",
+                     "--batch-size", "16", "--compare", "meta", "--no-plot")
+    (epoch,) = result["runs"][0]["epochs"]
+    assert all(math.isfinite(v) for v in [*epoch["metrics"].values(), *epoch["train_loss"].values()])
+    assert main(["train", "--dataset", "synthetic", "--train-size", "8", "--test-size", "8", "--epochs", "1",
+                 "--batch-size", "1", "--compare", "meta", "--out", str(tmp_path)]) == 2
+    assert "batch size >= 2" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) 
     return config
 
 
-def check_config(config: RunConfig) -> None:
+def check_config(config: RunConfig, batch_size: int | None = None) -> None:
     """Refuse combinations that the library's steps do not define, before any training."""
     weighting = isinstance(make_method(config.method, 2), Weighting)
     if config.meta and (config.sam_rho or config.dgr_lambda or config.method != "ew"):
@@ -96,6 +96,8 @@ def check_config(config: RunConfig) -> None:
         raise SpecError(f"spec {config.spec!r}: adatask balances tasks itself; it takes a loss weighting, not {config.method}")
     if config.optimizer == "adatask" and config.method == "uw":
         raise SpecError(f"spec {config.spec!r}: uw learns its weights by gradient, which adatask's per-task step does not give")
+    if config.meta and batch_size is not None and batch_size < 2:
+        raise SpecError(f"spec {config.spec!r}: meta splits each batch into an inner and an outer half: batch size >= 2")
     if config.sam_rho and weighting and config.method != "ew":
         raise SpecError(f"spec {config.spec!r}: sam combines with ew or a gradient aggregator, not {config.method}")
 
@@ -224,6 +226,7 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
     metrics, the median step time (forward + the method's backward and optimizer step, no data loading), and with
     DGR the median time of the penalty alone and its share of the step.
     """
+    check_config(config, settings.batch_size)
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
     model = make_model(data.train).to(device)
@@ -239,6 +242,8 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
         t_epoch = time.perf_counter()
         loss_sum = torch.zeros(len(names), dtype=torch.float64)
         batches = torch.randperm(len(data.train), generator=order).split(settings.batch_size)
+        if config.meta and len(batches[-1]) < 2:  # meta splits each batch into an inner and an outer half
+            batches = batches[:-1]
         bar = _progress(len(batches), f"{config.spec} epoch {epoch}/{settings.epochs}")
         for idx in batches:
             x, ys = data.train.batch(idx)
