@@ -88,7 +88,7 @@ def available_backends() -> dict[str, BackendStatus]:
     return {name: backend_status(name) for name in BACKENDS}
 
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, str, str]] = set()
 
 
 def _device_supports(name: str, device: torch.device) -> bool:
@@ -149,7 +149,7 @@ def resolve_backend(
         reason = _unavailable(name, probe)
         if not reason:
             return name
-        if (op, name) not in _warned:
-            _warned.add((op, name))
+        if (op, name, reason) not in _warned:
+            _warned.add((op, name, reason))
             warnings.warn(f"dgr_fast {op}: backend {name!r} is unavailable ({reason}); falling back", RuntimeWarning, stacklevel=3)
     raise RuntimeError(f"{op}: no backend supports {dtype} tensors on {device}")

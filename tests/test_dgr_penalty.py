@@ -221,6 +221,44 @@ def test_automatic_choice_on_cpu_is_never_the_interpreter_or_reference():
     assert name == ("cpp" if dgr_fast.available_backends()["cpp"].available else "torch")
 
 
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """A CUDA device with H100's 227 KiB of opt-in shared memory per block, the cuda and triton backends available:
+    dispatch on metadata only, no kernel runs."""
+    import types
+
+    from dgr_fast import backends
+    from dgr_fast.ops import dgr_penalty as op
+
+    real = backends.backend_status
+    monkeypatch.setattr(backends, "backend_status", lambda name: backends.BackendStatus(name, True, "pretend")
+                        if name in ("cuda", "triton") else real(name))
+    monkeypatch.setattr(op, "_missing_kernels", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=232448))
+    monkeypatch.setattr(backends, "_warned", set())
+    return op
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((3, 17, 4096), "cuda"),      # the limits of dgr_penalty.cu on sm_90: D <= 4096 for every C <= 256
+    ((3, 256, 4096), "cuda"),
+    ((3, 17, 4800), "cuda"),      # 48 (4800 + 2 * 20) + 128 = 232448 bytes: exactly the budget
+    ((3, 17, 4801), "triton"),
+    ((33, 40, 64), "triton"),     # more than 32 tasks
+    ((2, 257, 64), "triton"),     # more than 256 columns
+])
+def test_automatic_choice_passes_over_cuda_beyond_its_limits(pretend_gpu, shape, expected):
+    cuda = torch.device("cuda")
+    if expected == "cuda":
+        assert pretend_gpu._resolve(cuda, torch.float32, None, shape) == "cuda"
+        return
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' is unavailable"):
+        assert pretend_gpu._resolve(cuda, torch.float32, None, shape) == expected
+    with pytest.raises(RuntimeError, match="backend 'cuda' .*cannot run here"):
+        pretend_gpu._resolve(cuda, torch.float32, "cuda", shape)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Heads beyond linear, and the authors' finite-difference estimate.
 

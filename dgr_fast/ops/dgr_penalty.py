@@ -389,12 +389,44 @@ _fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup_context
 # Public entry points.
 
 
+# The cuda kernels' limits (dgr_penalty.cu): at most 32 tasks and 256 stacked columns, and a tile of 8 rows of pass 2
+# must fit one block's shared memory: shared_bytes(2, D, C, 8, false) = 48 (D + 2 ceil4(C)) + 128 bytes.
+CUDA_MAX_TASKS, CUDA_MAX_COLUMNS = 32, 256
+
+
+def _cuda_limit(device: torch.device, tasks: int, columns: int, width: int) -> str | None:
+    """Why the cuda kernels cannot take this problem on ``device`` (None when they can)."""
+    if tasks > CUDA_MAX_TASKS:
+        return f"{tasks} tasks; its kernels take at most {CUDA_MAX_TASKS}"
+    if columns > CUDA_MAX_COLUMNS:
+        return f"{columns} stacked head columns; its kernels take at most {CUDA_MAX_COLUMNS}"
+    # A torch too old to report the opt-in limit: the launcher still refuses a width that does not fit, by name.
+    budget = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    need = 48 * (width + 2 * ((columns + 3) // 4 * 4)) + 128
+    if budget is not None and need > budget:
+        return f"feature width D = {width} with C = {columns}: a tile needs {need} bytes of shared memory, the device has {budget} per block"
+    return None
+
+
+def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None, shape: tuple[int, int, int] | None) -> str:
+    """The backend for features of ``device``/``dtype``; with ``shape = (tasks, columns, width)``, an automatic choice
+    also passes over a backend whose kernels cannot take that problem (and a named one says so)."""
+    def probe(name: str) -> str | None:
+        missing = _missing_kernels(name)
+        if missing or name != "cuda" or shape is None:
+            return missing
+        return _cuda_limit(device, *shape)
+
+    return resolve_backend("dgr_penalty", backend, device, dtype, IMPLEMENTED, DTYPES, probe)
+
+
 def dgr_penalty_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str | None = None) -> str:
     """The backend ``dgr_penalty(..., backend=backend)`` runs on for features of ``device``/``dtype``.
 
-    Resolved as the op resolves it (``$DGR_FAST_BACKEND`` when ``backend`` is None); raises as the op would.
+    Resolved as the op resolves it (``$DGR_FAST_BACKEND`` when ``backend`` is None), before any shape is known: on a
+    GPU, a problem beyond the cuda kernels' limits (see ``_cuda_limit``) falls back further when it runs.
     """
-    return resolve_backend("dgr_penalty", backend, torch.device(device), dtype, IMPLEMENTED, DTYPES, _missing_kernels)
+    return _resolve(torch.device(device), dtype, backend, None)
 
 
 def dgr_penalty_per_task(
@@ -413,7 +445,8 @@ def dgr_penalty_per_task(
     weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
         features, weights, biases, targets, losses, masks, ignore_index, reductions
     )
-    name = dgr_penalty_backend(features.device, features.dtype, backend)
+    shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1])
+    name = _resolve(features.device, features.dtype, backend, shape)
     if name == "reference":
         acc = accumulation_dtype(features.dtype)
         return ref.linear_penalties(
