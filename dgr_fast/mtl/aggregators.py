@@ -111,6 +111,19 @@ def _bordered_solve(M: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.lstsq(system, rhs, rcond=_RCOND, driver="gelsd").solution[:n]
 
 
+def _step_to_first_zero(current: Tensor, target: Tensor) -> Tensor:
+    """The active-set step shared by MGDA's and CAGrad's solvers: from the feasible ``current`` (all > 0) towards the
+    sub-problem's minimiser ``target`` (some entries <= 0), stopping where the first weight reaches zero; that
+    weight is set to exactly 0 (and rounding below 0 clamped), so the caller's support drops it."""
+    blocked = target <= 0
+    ratios = torch.full_like(target, math.inf)
+    ratios[blocked] = current[blocked] / (current[blocked] - target[blocked])
+    first = int(ratios.argmin())
+    stepped = (current + ratios[first] * (target - current)).clamp(min=0.0)
+    stepped[first] = 0.0
+    return stepped
+
+
 def _min_norm_weights(M: Tensor) -> Tensor:
     """Weights ``w`` on the simplex minimising ``w^T M w``: the min-norm point of the convex hull of points whose Gram
     matrix is ``M`` (``[K, K]`` PSD, float64). Wolfe's (1976) algorithm, exact up to rounding: a corral of affinely
@@ -143,14 +156,7 @@ def _min_norm_weights(M: Tensor) -> Tensor:
                 w[idx] = v
                 break
             # Move from w towards the affine minimiser until the first weight reaches zero, and drop that point.
-            current = w[idx]
-            blocked = v <= 0
-            ratios = torch.full_like(v, math.inf)
-            ratios[blocked] = current[blocked] / (current[blocked] - v[blocked])
-            first = int(ratios.argmin())
-            current = current + ratios[first] * (v - current)
-            current[first] = 0.0
-            current.clamp_(min=0.0)
+            current = _step_to_first_zero(w[idx], v)
             w.zero_()
             w[idx] = current / current.sum()
             support = w > 0
@@ -404,15 +410,9 @@ def _cone_projection_weights(A: Tensor, a: Tensor) -> Tensor:
                 lam.zero_()
                 lam[idx] = z
                 break
-            current = lam[idx]
-            blocked = z <= 0
-            ratios = torch.full_like(z, math.inf)
-            ratios[blocked] = current[blocked] / (current[blocked] - z[blocked])
-            first = int(ratios.argmin())
-            current = (current + ratios[first] * (z - current)).clamp(min=0.0)
-            current[first] = 0.0
+            lam_idx = _step_to_first_zero(lam[idx], z)
             lam.zero_()
-            lam[idx] = current
+            lam[idx] = lam_idx
             passive = lam > 0
     return lam
 
