@@ -105,9 +105,9 @@ def _packed(case, dtype=None):
 
 
 def _direct(p, gt_seed=0):
-    """The op pair called directly on packed arguments, and the torch closed form on the same arguments."""
-    meta = (p.losses, p.col_offsets, p.y_offsets)
-    args = (p.z3, p.weight, p.bias, p.y, p.omega)
+    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows."""
+    meta = (p.losses, p.col_offsets)
+    args = (p.z3, p.weight, p.bias, p.targets, p.valid, p.scales)
     g_w, g_b = FWD(*args, *meta)
     gen = torch.Generator().manual_seed(gt_seed)
     gt_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
@@ -118,8 +118,9 @@ def _direct(p, gt_seed=0):
     dz = BWD(*args, gt_w, gt_b, *meta)
     z = p.z3.to(p.weight.dtype)
     ones = torch.ones_like(p.bias)
-    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, ones, p.y, p.omega, *meta)
-    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, p.y, p.omega, gt_w, gt_b, *meta)
+    y, omega, y_offsets = p.rows
+    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, ones, y, omega, p.losses, p.col_offsets, y_offsets)
+    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, y, omega, gt_w, gt_b, p.losses, p.col_offsets, y_offsets)
     return (g_w, g_b, dz), (ref_w, ref_b, ref_dz)
 
 
@@ -180,31 +181,68 @@ def test_independent_of_thread_count(shape, layout):
 
 def test_refuses_bad_arguments():
     p = _packed(make_case((5, 4), dtype=torch.float32, seed=11))
-    meta = (p.losses, p.col_offsets, p.y_offsets)
-    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, y=p.y, omega=p.omega)
+    meta = (p.losses, p.col_offsets)
+    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, targets=p.targets, valid=p.valid, scales=p.scales)
 
     def fwd(**override):
         a = {**good, **override}
-        return FWD(a["z3"], a["weight"], a["bias"], a["y"], a["omega"], *override.pop("meta", meta))
+        return FWD(a["z3"], a["weight"], a["bias"], a["targets"], a["valid"], a["scales"], *override.pop("meta", meta))
 
+    def task(t, value, items):
+        return [value if k == t else x for k, x in enumerate(items)]
+
+    ce = p.losses.index(dp.LOSS_CODES["ce"])
+    other = next(t for t, code in enumerate(p.losses) if code != dp.LOSS_CODES["ce"])
+    valid = next(t for t, v in enumerate(p.valid) if v is not None)
     cases = [
         (dict(z3=p.z3.to(torch.int32)), "z3 must be float32"),
         (dict(z3=p.z3[..., 0]), r"z3 must be \[B, D, P\]"),
         (dict(weight=p.weight.double()), "weight must be Float"),
         (dict(weight=p.weight[:, :2]), "weight must have shape"),
         (dict(weight=p.weight.t().contiguous().t()), "weight must be contiguous"),
-        (dict(y=p.y[:3]), "y must have shape"),
-        (dict(omega=p.omega.t().contiguous().t()), "omega must be contiguous"),
-        (dict(meta=([0, 1, 2, 9], *meta[1:])), "not a loss code"),
-        (dict(meta=(meta[0], meta[1][:-1], meta[2])), "col_offsets and y_offsets need"),
-        (dict(meta=(meta[0], [0, 5, 5, 7, 8], meta[2])), "columns"),
+        (dict(targets=task(ce, p.targets[ce].float(), p.targets)), rf"targets\[{ce}\] \(ce\) must be Long"),
+        (dict(targets=task(ce, p.targets[ce][:2], p.targets)), rf"targets\[{ce}\] \(ce\) must have shape"),
+        (dict(targets=task(other, p.targets[other].double(), p.targets)), rf"targets\[{other}\] must be Float"),
+        (dict(targets=task(other, p.targets[other][:, :1], p.targets)), rf"targets\[{other}\] must have shape"),
+        (dict(targets=p.targets[:-1]), "targets and valid"),
+        (dict(valid=task(valid, p.valid[valid].float(), p.valid)), rf"valid\[{valid}\] must be Bool"),
+        (dict(scales=p.scales[:2]), "scales must have shape"),
+        (dict(scales=p.scales.double()), "scales must be Float"),
+        (dict(meta=([0, 1, 2, 9], meta[1])), "not a loss code"),
+        (dict(meta=(meta[0], meta[1][:-1])), "col_offsets needs"),
+        (dict(meta=(meta[0], [0, 5, 5, 7, 8])), "columns"),
     ]
     for override, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fwd(**override)
     gt = torch.zeros_like(p.weight)
     with pytest.raises(RuntimeError, match="gt_w must have shape"):
-        BWD(p.z3, p.weight, p.bias, p.y, p.omega, gt[:2], p.bias, *meta)
+        BWD(p.z3, p.weight, p.bias, p.targets, p.valid, p.scales, gt[:2], p.bias, *meta)
+
+
+def test_reads_targets_and_masks_in_place_in_any_layout():
+    # The targets and masks are read where they lie (no packed copy): strided views must give exactly what their
+    # contiguous copies give, for dense maps and for rows.
+    def interleaved(x):  # every element two apart: the row (pixel) stride is 2, the views still merge to [B, C, P]
+        return torch.stack([x, torch.zeros_like(x)], -1)[..., 0]
+
+    def channels_last(x):  # a [B, C, H, W] target with C innermost: the pixel stride is C
+        return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if x.dim() == 4 else interleaved(x)
+
+    for shape in ((2, 11, 5, 7), (37, 29)):
+        case = make_case(shape, dtype=torch.float32, seed=12)
+        for layout in (interleaved, channels_last):
+            views = dict(case, targets=[layout(y) for y in case["targets"]],
+                         masks=[None if m is None else interleaved(m) for m in case["masks"]])
+            assert sum(not y.is_contiguous() for y in views["targets"]) >= 3
+            one, two = _direct(_packed(case))[0], _direct(_packed(views))[0]
+            for a, b in zip(one, two):
+                assert torch.equal(a, b)
+    # ... and a case whose targets need a dtype conversion (int32 classes, fp64 regression targets) agrees too.
+    case = make_case((2, 11, 5, 7), dtype=torch.float32, seed=13)
+    cast = dict(case, targets=[y.int() if not y.is_floating_point() else y.double() for y in case["targets"]])
+    for a, b in zip(_direct(_packed(case))[0], _direct(_packed(cast))[0]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(os.environ.get("DGR_FAST_CPU_BASELINE") is not None, reason="already running the baseline copy")
@@ -212,6 +250,6 @@ def test_baseline_copy():
     # The kernels are compiled twice (AVX2+FMA, and a baseline for other CPUs); on an AVX2 machine only the first runs
     # unless forced. Run the direct-call tests (every dtype and layout) again on the baseline copy.
     env = dict(os.environ, DGR_FAST_CPU_BASELINE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without or in_place"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

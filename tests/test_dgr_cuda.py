@@ -191,20 +191,20 @@ def _packed(case: dict) -> dp.Packed:
 
 def _op_args(p: dp.Packed) -> tuple:
     """Arguments of the forward op (dgr_penalty_fwd) for a packed problem."""
-    return p.z3, p.weight, p.bias, p.y, p.omega, p.losses, p.col_offsets, p.y_offsets
+    return p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets
 
 
 def _bwd_args(p: dp.Packed, gt_w: torch.Tensor, gt_b: torch.Tensor) -> tuple:
     """Arguments of the backward op (dgr_penalty_bwd)."""
-    return p.z3, p.weight, p.bias, p.y, p.omega, gt_w, gt_b, p.losses, p.col_offsets, p.y_offsets
+    return p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, gt_w, gt_b, p.losses, p.col_offsets, p.rows.y_offsets
 
 
 def _spec(p: dp.Packed, gt_w: torch.Tensor, gt_b: torch.Tensor):
     """`_torch_gradients` (raw G_b: bias mask of ones) and `_torch_features_grad` in fp64."""
     f = lambda t: t.double()  # noqa: E731
-    args = (f(p.y), f(p.omega), p.losses, p.col_offsets, p.y_offsets)
+    args = (f(p.rows.y), f(p.rows.omega), p.losses, p.col_offsets, p.rows.y_offsets)
     g_w, g_b = dp._torch_gradients(f(p.z3), f(p.weight), f(p.bias), torch.ones_like(f(p.bias)), *args)
-    dz = dp._torch_features_grad(f(p.z3), f(p.weight), f(p.bias), f(p.y), f(p.omega), f(gt_w), f(gt_b), *args[2:])
+    dz = dp._torch_features_grad(f(p.z3), f(p.weight), f(p.bias), f(p.rows.y), f(p.rows.omega), f(gt_w), f(gt_b), *args[2:])
     return g_w, g_b, dz
 
 
@@ -409,10 +409,10 @@ def emulated(tmp_path_factory):
 def _emulated_ops(so, p: dp.Packed, gt_w: torch.Tensor, gt_b: torch.Tensor):
     """Both launchers on CPU tensors, outputs pre-filled with NaN; returns (g_w, g_b, dz, kernel grid of pass 1)."""
     z3, ptr = p.z3, lambda t: ctypes.c_void_p(t.data_ptr())
-    (batch, width, pixels), (C, Cy), T = z3.shape, (p.weight.shape[0], p.y.shape[1]), len(p.losses)
-    meta = [torch.tensor(v, dtype=torch.int64) for v in (p.losses, p.col_offsets, p.y_offsets)]
+    (batch, width, pixels), (C, Cy), T = z3.shape, (p.weight.shape[0], p.rows.y.shape[1]), len(p.losses)
+    meta = [torch.tensor(v, dtype=torch.int64) for v in (p.losses, p.col_offsets, p.rows.y_offsets)]
     common = (_DTYPE_CODES[z3.dtype], ptr(z3), batch, width, pixels, *z3.stride())
-    common += (ptr(p.weight), ptr(p.bias), ptr(p.y), ptr(p.omega))
+    common += (ptr(p.weight), ptr(p.bias), ptr(p.rows.y), ptr(p.rows.omega))
     floats = ctypes.c_int64(0)
     status = so.dgr_penalty_cuda_fwd_workspace(_DTYPE_CODES[z3.dtype], batch, width, pixels, C, ctypes.byref(floats))
     assert status == 0, so.dgr_penalty_cuda_status_string(status)
@@ -446,7 +446,7 @@ EMULATED_CASES = [
 def test_kernels_on_cpu_emulator(emulated, device, shape, layout, classes, dtype, empty_task):
     emulated.emu_device(*_DEVICES[device])
     p = _packed(make_case(shape, classes=classes, dtype=dtype, layout=layout, empty_task=empty_task, seed=5, device="cpu"))
-    p.omega[::5] = 0  # rows no task counts
+    p.rows.omega[::5] = 0  # rows no task counts
     g = torch.Generator().manual_seed(2)
     gt_w, gt_b = torch.randn(p.weight.shape, generator=g), torch.randn(p.weight.shape[0], generator=g)
     g_w, g_b, dz, grid = _emulated_ops(emulated, p, gt_w, gt_b)
@@ -454,7 +454,7 @@ def test_kernels_on_cpu_emulator(emulated, device, shape, layout, classes, dtype
     _assert_close(g_w, ref_w, 1e-5, "G_W")
     _assert_close(g_b, ref_b, 1e-5, "G_b")
     _assert_close(dz, ref_dz, 1e-5 if dtype == torch.float32 else RTOL[dtype], "dz")
-    dead = (p.omega == 0).all(1).view(p.z3.shape[0], p.z3.shape[2])
+    dead = (p.rows.omega == 0).all(1).view(p.z3.shape[0], p.z3.shape[2])
     assert bool((dz.transpose(1, 2)[dead] == 0).all())
     if shape == (2000, 45):
         assert grid == 6, "16 tiles on 3 SMs x 2 blocks: each block loops over several tiles"
@@ -543,8 +543,8 @@ DIRECT_CASES = [
 def test_direct_ops_write_every_element(shape, layout, classes, dtype):
     case = make_case(shape, classes=classes, dtype=dtype, layout=layout, seed=7)
     p = _packed(case)
-    rows = p.omega.shape[0]
-    p.omega[torch.arange(0, rows, 5, device="cuda")] = 0  # rows no task counts: their dz must be exactly 0
+    rows = p.rows.omega.shape[0]
+    p.rows.omega[torch.arange(0, rows, 5, device="cuda")] = 0  # rows no task counts: their dz must be exactly 0
     fwd, bwd = dp._kernels("cuda")
     C, D = p.weight.shape
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -562,7 +562,7 @@ def test_direct_ops_write_every_element(shape, layout, classes, dtype):
     dz = bwd(*_bwd_args(p, gt_w, gt_b))
     assert dz.shape == p.z3.shape and dz.dtype == dtype and dz.is_contiguous()
     _assert_close(dz, ref_dz, RTOL[dtype], "dz")
-    dead = (p.omega == 0).all(1).view(p.z3.shape[0], p.z3.shape[2])  # [B, P]
+    dead = (p.rows.omega == 0).all(1).view(p.z3.shape[0], p.z3.shape[2])  # [B, P]
     assert bool((dz.transpose(1, 2)[dead] == 0).all()), "dz of rows that no task counts must be exactly 0"
 
 

@@ -1,6 +1,6 @@
 // The `cpp` backend of dgr_fast.dgr_penalty: the two passes of DESIGN.md section 4 on CPU tensors.
 //
-// Matches dgr_fast/ops/dgr_penalty.py (build/KERNEL_SPEC.md is the contract):
+// Matches the `torch` backend of dgr_fast/ops/dgr_penalty.py, which reads the same problem packed into rows:
 //   dgr_penalty_fwd == `_torch_gradients` before its bias mask: (G_W, G_b) = sum over rows of (r z^T, r);
 //   dgr_penalty_bwd == `_torch_features_grad`: dz = [2 Gt_W; W]^T [r; H u], with s and r recomputed;
 //   the per-loss functions below (`ce_columns` ...) are `_residual_rows`: r without u, and H u with it, one function
@@ -9,6 +9,9 @@
 // per tile the logits are one small GEMM, the residuals are computed in place, and the tile's G contribution
 // (forward) or dz (backward) is a second GEMM. Columns of l1 tasks have H = 0: the backward leaves them out of
 // u and H u instead of multiplying by zero.
+//
+// The targets and validity masks are read in place too (`Source`, per task), staged tile by tile: the op allocates
+// nothing row-sized but dz.
 //
 // Layouts, without a copy of z: a tile is read in place either as [D][n] (pixels contiguous: dense maps, a transposed
 // [N, D]) or as [n][D] (channels contiguous: [N, D] rows, channels_last maps). fp16/bf16 tiles and other strides are
@@ -35,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -59,13 +63,27 @@ constexpr int64_t kRowAlign = 32, kRowPad = 64;
 // stays in L2 (measured: 32 and 128 KiB are slower).
 constexpr int64_t kTileBytes = 64 * 1024;
 
-// The problem, normalised: z3 is read as B images of P rows; [N, D, 1] becomes one image of N rows, so that a tile
-// of consecutive rows is one affine block of memory in every layout.
+// One task's targets and validity, read in place: element (b, c, p) of the targets is y[b * sb + c * sc + p * sp]
+// (cls, the class indices, for ce), and row (b, p) counts where valid[b * vb + p * vp] (every row where null), with
+// weight scale. The packed omega of the other backends is valid * scale.
+template <typename T>
+struct Source {
+  const T* y = nullptr;
+  const int64_t* cls = nullptr;
+  int64_t sb = 0, sc = 0, sp = 0;
+  const bool* valid = nullptr;
+  int64_t vb = 0, vp = 0;
+  T scale = T(0);
+};
+
+// The problem, normalised: z3 is read as B images of P rows; [N, D, 1] becomes one image of N rows (swapped), so
+// that a tile of consecutive rows is one affine block of memory in every layout.
 template <typename T>
 struct Problem {
   at::ScalarType dtype;  // of z3 and dz3
   bool same;             // dtype is T: z3 may be read and dz3 written in place
   int64_t B, D, P;
+  bool swapped;        // z3 was [N, D, 1]: its batch dimension is read as the row dimension
   int64_t zb, zd, zp;  // strides of z3
   int64_t ob, od, op;  // strides of dz3 (contiguous [B, D, P] before normalisation)
   bool rows;           // tiles are [n][D] (channels contiguous) rather than [D][n]
@@ -74,9 +92,8 @@ struct Problem {
   int64_t tiles_per_image, tiles;
 
   int64_t C, Cy, tasks, Ch;  // logit columns, target columns, tasks, columns with a non-zero Hessian
-  std::vector<int64_t> loss, c0, y0, h0;  // per task; c0 has tasks + 1 entries; h0 = -1 for l1 tasks
-  const T* y;
-  const T* omega;
+  std::vector<int64_t> loss, c0, y0, h0;  // per task; c0 and y0 have tasks + 1 entries; h0 = -1 for l1 tasks
+  std::vector<Source<T>> src;              // per task
 
   // The first GEMM gives [s; u] = A1 z + bias1 (M1 = C rows in the forward, C + Ch in the backward); the backward's
   // second is dz = A2^T [r; H u]. A1, A2: M1 rows of D, ldd apart.
@@ -99,7 +116,8 @@ void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
   pr.ob = pr.D * pr.P;
   pr.od = pr.P;
   pr.op = 1;
-  if (pr.P == 1) {
+  pr.swapped = pr.P == 1;
+  if (pr.swapped) {
     std::swap(pr.B, pr.P);
     pr.zp = pr.zb;
     pr.op = pr.ob;
@@ -120,21 +138,55 @@ void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
   pr.tiles = pr.B * pr.tiles_per_image;
 }
 
+// The tile's targets are staged as y0 rows per task (one for ce's class index, C_k otherwise), as the packed layout.
 template <typename T>
-void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   pr.tasks = int64_t(losses.size());
   pr.loss.assign(losses.begin(), losses.end());
   pr.c0.assign(col_offsets.begin(), col_offsets.end());
-  pr.y0.assign(y_offsets.begin(), y_offsets.end());
   pr.C = pr.c0.back();
-  pr.Cy = pr.y0.back();
+  pr.y0.assign(1, 0);
   pr.h0.assign(pr.tasks, -1);
   pr.Ch = 0;
-  for (int64_t t = 0; t < pr.tasks; ++t)
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    const int64_t nc = pr.c0[t + 1] - pr.c0[t];
+    pr.y0.push_back(pr.y0.back() + (pr.loss[t] == kCe ? 1 : nc));
     if (pr.loss[t] != kL1) {
       pr.h0[t] = pr.Ch;
-      pr.Ch += pr.c0[t + 1] - pr.c0[t];
+      pr.Ch += nc;
     }
+  }
+  pr.Cy = pr.y0.back();
+}
+
+// After set_geometry: the row strides follow z3's normalisation (a swapped problem reads the batch stride as p's).
+template <typename T>
+void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& valid,
+                 const at::Tensor& scales) {
+  const auto rows = [&](int64_t sb, int64_t sp, int64_t* ob, int64_t* op) {
+    *ob = pr.swapped ? 0 : sb;
+    *op = pr.swapped ? sb : sp;
+  };
+  pr.src.assign(pr.tasks, Source<T>{});
+  const T* sc = scales.data_ptr<T>();
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    Source<T>& s = pr.src[t];
+    const at::Tensor& y = targets[t];
+    if (pr.loss[t] == kCe) {
+      s.cls = y.data_ptr<int64_t>();
+      rows(y.stride(0), y.stride(1), &s.sb, &s.sp);
+    } else {
+      s.y = y.data_ptr<T>();
+      s.sc = y.stride(1);
+      rows(y.stride(0), y.stride(2), &s.sb, &s.sp);
+    }
+    const std::optional<at::Tensor> v = valid.get(t);
+    if (v.has_value() && v->defined()) {
+      s.valid = v->data_ptr<bool>();
+      rows(v->stride(0), v->stride(1), &s.vb, &s.vp);
+    }
+    s.scale = sc[t];
+  }
 }
 
 // f(Storage{}) for the storage type of z3 and dz3: T itself, or fp16/bf16 for fp32 accumulation.
@@ -268,17 +320,17 @@ void dispatch_backward(const Problem<T>& pr, const void* z, int64_t t0, int64_t 
 // ---------------------------------------------------------------------------------------------------------------
 // Argument checks (for direct callers; `pack()` already guarantees all of this) and the two ops.
 
-void check_tensor(const at::Tensor& x, const char* name, at::ScalarType acc, at::IntArrayRef shape, bool contiguous) {
+void check_tensor(const at::Tensor& x, const std::string& name, at::ScalarType dtype, at::IntArrayRef shape, bool contiguous) {
   TORCH_CHECK(x.device().is_cpu(), "dgr_penalty (cpp): ", name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == acc, "dgr_penalty (cpp): ", name, " must be ", acc, " (the accumulation dtype of z3), got ",
-              x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == dtype, "dgr_penalty (cpp): ", name, " must be ", dtype, ", got ", x.scalar_type());
   TORCH_CHECK(x.sizes() == shape, "dgr_penalty (cpp): ", name, " must have shape ", shape, ", got ", x.sizes());
   TORCH_CHECK(!contiguous || x.is_contiguous(), "dgr_penalty (cpp): ", name, " must be contiguous");
 }
 
-at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
-                          const at::Tensor& omega, at::IntArrayRef losses, at::IntArrayRef col_offsets,
-                          at::IntArrayRef y_offsets) {
+// Returns the accumulation dtype (that of weight, bias, scales and the float targets).
+at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
+                          const c10::List<std::optional<at::Tensor>>& valid, const at::Tensor& scales,
+                          at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   TORCH_CHECK(z3.device().is_cpu(), "dgr_penalty (cpp): z3 must be a CPU tensor, got ", z3.device());
   TORCH_CHECK(z3.dim() == 3, "dgr_penalty (cpp): z3 must be [B, D, P], got ", z3.sizes());
   const auto zt = z3.scalar_type();
@@ -287,41 +339,48 @@ at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const 
   const auto acc = zt == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = int64_t(losses.size());
   TORCH_CHECK(T >= 1, "dgr_penalty (cpp): losses is empty");
-  TORCH_CHECK(int64_t(col_offsets.size()) == T + 1 && int64_t(y_offsets.size()) == T + 1,
-              "dgr_penalty (cpp): col_offsets and y_offsets need len(losses) + 1 = ", T + 1, " entries, got ",
-              col_offsets.size(), " and ", y_offsets.size());
-  TORCH_CHECK(col_offsets[0] == 0 && y_offsets[0] == 0, "dgr_penalty (cpp): col_offsets and y_offsets must start at 0");
+  TORCH_CHECK(int64_t(col_offsets.size()) == T + 1 && int64_t(targets.size()) == T && int64_t(valid.size()) == T,
+              "dgr_penalty (cpp): col_offsets needs len(losses) + 1 = ", T + 1, " entries and targets and valid ", T,
+              ", got ", col_offsets.size(), ", ", targets.size(), " and ", valid.size());
+  TORCH_CHECK(col_offsets[0] == 0, "dgr_penalty (cpp): col_offsets must start at 0");
+  const int64_t B = z3.size(0), D = z3.size(1), P = z3.size(2);
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(losses[t] >= kCe && losses[t] <= kL1, "dgr_penalty (cpp): losses[", t, "] = ", losses[t],
                 " is not a loss code (0 ce, 1 bce, 2 mse, 3 l1)");
     const int64_t nc = col_offsets[t + 1] - col_offsets[t];
     TORCH_CHECK(nc >= 1, "dgr_penalty (cpp): task ", t, " has ", nc, " columns (col_offsets must increase)");
-    const int64_t ny = y_offsets[t + 1] - y_offsets[t];
-    TORCH_CHECK(ny == (losses[t] == kCe ? 1 : nc), "dgr_penalty (cpp): task ", t, " has ", ny,
-                " target columns, expected ", losses[t] == kCe ? 1 : nc);
+    const std::string name = "targets[" + std::to_string(t) + "]";
+    if (losses[t] == kCe)
+      check_tensor(targets[t], name + " (ce)", at::kLong, {B, P}, false);
+    else
+      check_tensor(targets[t], name, acc, {B, nc, P}, false);
+    const std::optional<at::Tensor> v = valid.get(t);
+    if (v.has_value() && v->defined()) check_tensor(*v, "valid[" + std::to_string(t) + "]", at::kBool, {B, P}, false);
   }
-  const int64_t C = col_offsets[T], Cy = y_offsets[T], D = z3.size(1), R = z3.size(0) * z3.size(2);
-  check_tensor(weight, "weight", acc, {C, D}, true);
-  check_tensor(bias, "bias", acc, {C}, false);
-  check_tensor(y, "y", acc, {R, Cy}, true);
-  check_tensor(omega, "omega", acc, {R, T}, true);
+  check_tensor(weight, "weight", acc, {col_offsets[T], D}, true);
+  check_tensor(bias, "bias", acc, {col_offsets[T]}, false);
+  check_tensor(scales, "scales", acc, {T}, true);
   return acc;
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
-                                                const at::Tensor& y, const at::Tensor& omega, at::IntArrayRef losses,
-                                                at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
+Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& valid,
+                        const at::Tensor& scales, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   Problem<T> pr;
-  set_heads(pr, losses, col_offsets, y_offsets);
+  set_heads(pr, losses, col_offsets);
   set_geometry(pr, z3);
+  set_sources(pr, targets, valid, scales);
+  return pr;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight,
+                                                const at::Tensor& bias) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
   std::vector<T> A1(C * ldd);
   const T* W = weight.data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) std::copy(W + c * D, W + (c + 1) * D, A1.data() + c * ldd);
-  pr.y = y.data_ptr<T>();
-  pr.omega = omega.data_ptr<T>();
   pr.A1 = A1.data();
   pr.bias1 = b.data_ptr<T>();
   pr.A2 = nullptr;
@@ -349,12 +408,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z3, const at::
 }
 
 template <typename T>
-at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
-                         const at::Tensor& omega, const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
-                         at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
-  Problem<T> pr;
-  set_heads(pr, losses, col_offsets, y_offsets);
-  set_geometry(pr, z3);
+at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& gt_w, const at::Tensor& gt_b) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   pr.M1 = C + pr.Ch;
   // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
@@ -379,8 +434,6 @@ at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const a
       }
     }
   }
-  pr.y = y.data_ptr<T>();
-  pr.omega = omega.data_ptr<T>();
   pr.A1 = A1.data();
   pr.bias1 = bias1.data();
   pr.A2 = A2.data();
@@ -392,22 +445,26 @@ at::Tensor backward_impl(const at::Tensor& z3, const at::Tensor& weight, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> dgr_penalty_fwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
-                                                   const at::Tensor& y, const at::Tensor& omega, at::IntArrayRef losses,
-                                                   at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
-  check_args(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
-  if (z3.scalar_type() == at::kDouble) return forward_impl<double>(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
-  return forward_impl<float>(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+                                                   at::TensorList targets,
+                                                   const c10::List<std::optional<at::Tensor>>& valid,
+                                                   const at::Tensor& scales, at::IntArrayRef losses,
+                                                   at::IntArrayRef col_offsets) {
+  check_args(z3, weight, bias, targets, valid, scales, losses, col_offsets);
+  if (z3.scalar_type() == at::kDouble)
+    return forward_impl(make_problem<double>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias);
+  return forward_impl(make_problem<float>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias);
 }
 
-at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
-                           const at::Tensor& omega, const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
-                           at::IntArrayRef col_offsets, at::IntArrayRef y_offsets) {
-  const auto acc = check_args(z3, weight, bias, y, omega, losses, col_offsets, y_offsets);
+at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
+                           const c10::List<std::optional<at::Tensor>>& valid, const at::Tensor& scales,
+                           const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
+                           at::IntArrayRef col_offsets) {
+  const auto acc = check_args(z3, weight, bias, targets, valid, scales, losses, col_offsets);
   check_tensor(gt_w, "gt_w", acc, weight.sizes(), false);
   check_tensor(gt_b, "gt_b", acc, bias.sizes(), false);
   if (z3.scalar_type() == at::kDouble)
-    return backward_impl<double>(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets);
-  return backward_impl<float>(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets);
+    return backward_impl(make_problem<double>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias, gt_w, gt_b);
+  return backward_impl(make_problem<float>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias, gt_w, gt_b);
 }
 
 }  // namespace
@@ -415,11 +472,11 @@ at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const
 
 TORCH_LIBRARY_FRAGMENT(dgr_fast_cpu, m) {
   m.def(
-      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor y, Tensor omega, int[] losses, "
-      "int[] col_offsets, int[] y_offsets) -> (Tensor, Tensor)");
+      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] valid, Tensor scales, "
+      "int[] losses, int[] col_offsets) -> (Tensor, Tensor)");
   m.def(
-      "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor y, Tensor omega, Tensor gt_w, Tensor gt_b, "
-      "int[] losses, int[] col_offsets, int[] y_offsets) -> Tensor");
+      "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] valid, Tensor scales, "
+      "Tensor gt_w, Tensor gt_b, int[] losses, int[] col_offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dgr_fast_cpu, CPU, m) {
@@ -768,15 +825,35 @@ DGR_INLINE void project(const Problem<T>& pr, const T* z, int64_t ldz, int64_t n
     for (int64_t j = n; j < width; ++j) out[c * pr.ld + j] = T(0);
 }
 
-// r (and H u, when the backward passes its u rows) of every task, in place.
+// Gathers n values src[i * stride], converted, into dst (the inner loop of the in-place target reads).
+template <typename S, typename T>
+DGR_INLINE void gather(const S* src, int64_t stride, int64_t n, T* dst) {
+  if (stride == 1)
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i * stride]);
+}
+
+// r (and H u, when the backward passes its u rows) of every task, in place, for the tile of rows p0 .. p0 + n of
+// image b. The tile's targets and omega are staged in yo first, as rows ([Cy + tasks][ld]), from the task sources.
 template <typename T>
-DGR_INLINE void residuals(const Problem<T>& pr, int64_t row0, int64_t n, T* s, T* u, T* yo) {
+DGR_INLINE void residuals(const Problem<T>& pr, int64_t b, int64_t p0, int64_t n, T* s, T* u, T* yo) {
   const int64_t ld = pr.ld, width = whole_vectors<T>(n), cols = pr.Cy + pr.tasks;
-  const T* ysrc = pr.y + row0 * pr.Cy;
-  const T* osrc = pr.omega + row0 * pr.tasks;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t k = 0; k < pr.Cy; ++k) yo[k * ld + i] = ysrc[i * pr.Cy + k];
-    for (int64_t t = 0; t < pr.tasks; ++t) yo[(pr.Cy + t) * ld + i] = osrc[i * pr.tasks + t];
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    const Source<T>& src = pr.src[t];
+    const int64_t at = b * src.sb + p0 * src.sp;
+    T* yt = yo + pr.y0[t] * ld;
+    if (src.cls)
+      gather(src.cls + at, src.sp, n, yt);
+    else
+      for (int64_t c = 0; c < pr.y0[t + 1] - pr.y0[t]; ++c) gather(src.y + at + c * src.sc, src.sp, n, yt + c * ld);
+    T* om = yo + (pr.Cy + t) * ld;
+    if (src.valid) {
+      const bool* v = src.valid + b * src.vb + p0 * src.vp;
+      for (int64_t i = 0; i < n; ++i) om[i] = v[i * src.vp] ? src.scale : T(0);
+    } else {
+      std::fill(om, om + n, src.scale);
+    }
   }
   for (int64_t k = 0; k < cols; ++k)
     for (int64_t i = n; i < width; ++i) yo[k * ld + i] = T(0);
@@ -795,6 +872,27 @@ DGR_INLINE void residuals(const Problem<T>& pr, int64_t row0, int64_t n, T* s, T
   }
 }
 
+// Tile t (rows p0 .. p0 + n of image b) and its z, read in place or staged; its residuals r in ws.rh, and in the
+// backward its u rows below them, turned into H u.
+template <typename T>
+struct Tile {
+  int64_t b, p0, n, ldz;
+  const T* z;
+};
+
+template <typename T>
+DGR_INLINE Tile<T> start_tile(const Problem<T>& pr, const void* z, int64_t t, Workspace<T>& ws, bool backward) {
+  Tile<T> tl;
+  tl.b = t / pr.tiles_per_image;
+  tl.p0 = (t % pr.tiles_per_image) * pr.tile;
+  tl.n = std::min(pr.tile, pr.P - tl.p0);
+  tl.z = tile_z(pr, z, tl.b, tl.p0, tl.n, ws.z.data(), &tl.ldz);
+  T* rh = ws.rh.data();
+  project(pr, tl.z, tl.ldz, tl.n, rh);
+  residuals(pr, tl.b, tl.p0, tl.n, rh, backward ? rh + pr.C * pr.ld : static_cast<T*>(nullptr), ws.yo.data());
+  return tl;
+}
+
 // Forward over blocks [blk0, blk1): block k sums tiles [k * per_block, (k + 1) * per_block) into
 // parts[k] = (G_W [C][ldd], G_b [C]).
 template <typename T>
@@ -807,13 +905,9 @@ void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int6
     std::fill(G, Gb + C, T(0));
     const int64_t last = std::min(pr.tiles, (blk + 1) * per_block);
     for (int64_t t = blk * per_block; t < last; ++t) {
-      const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile;
-      const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
-      int64_t ldz;
-      const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
-      T* r = ws.rh.data();
-      project(pr, zt, ldz, n, r);
-      residuals(pr, row0, n, r, static_cast<T*>(nullptr), ws.yo.data());
+      const Tile<T> tl = start_tile(pr, z, t, ws, false);
+      const int64_t n = tl.n, ldz = tl.ldz;
+      const T *zt = tl.z, *r = ws.rh.data();
       if (pr.rows)
         axpy(C, n, D, r, pr.ld, int64_t(1), zt, ldz, G, pr.ldd, static_cast<const T*>(nullptr), true);
       else
@@ -834,14 +928,10 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
   Workspace<T> ws(pr, false);
   const int64_t D = pr.D;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / pr.tiles_per_image, p0 = (t % pr.tiles_per_image) * pr.tile;
-    const int64_t n = std::min(pr.tile, pr.P - p0), row0 = b * pr.P + p0;
-    int64_t ldz;
-    const T* zt = tile_z(pr, z, b, p0, n, ws.z.data(), &ldz);
-    T* rh = ws.rh.data();
-    project(pr, zt, ldz, n, rh);
-    residuals(pr, row0, n, rh, rh + pr.C * pr.ld, ws.yo.data());
-    const int64_t offset = b * pr.ob + p0 * pr.op;
+    const Tile<T> tl = start_tile(pr, z, t, ws, true);
+    const int64_t n = tl.n, ldz = tl.ldz;
+    const T *zt = tl.z, *rh = ws.rh.data();
+    const int64_t offset = tl.b * pr.ob + tl.p0 * pr.op;
     // In place where dz3 is T and has the compute layout's contiguous dimension; else through the buffer.
     const bool direct = pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
     T* dzt = direct ? static_cast<T*>(dz) + offset : ws.dz.data();

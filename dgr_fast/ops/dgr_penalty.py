@@ -11,11 +11,16 @@ Backward, given ``dR_t`` (``Gt = dR_t * G`` row-scaled per task):
 
     u_i = 2 (Gt_W z_i + Gt_b),   dz_i = 2 Gt_W^T r_i + W^T (omega_i * H_i u_i)
 
-The backends all take the same packed arguments:
+``pack`` puts the problem in the form every backend starts from (``Packed``), with no row-sized copy where dtypes
+already match: per task, the targets as ``[B, P]`` class indices (``"ce"``, int64) or ``[B, C_k, P]`` (acc dtype)
+views, the validity ``[B, P]`` (bool, ``None`` where every row counts; ``ignore_index`` folded in) and
+``scales [T] = 1 / n_t`` (``n_t`` valid rows, times ``C_k`` for an elementwise ``"mean"``), so that
+``omega_it = valid_it * scales[t]``. The ``cpp`` kernels read that in place. The ``torch``, ``triton`` and ``cuda``
+code reads it packed into rows (``pack_rows``, ``R = B * P`` rows in ``(b, p)`` order):
 
-- ``Y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
-  ``C_k`` columns (the targets); ``R = B * P`` rows in ``(b, p)`` order.
-- ``omega [R, T]``: ``valid_it / n_t`` (``n_t`` valid rows, times ``C_k`` for an elementwise ``"mean"``).
+- ``y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
+  ``C_k`` columns (the targets).
+- ``omega [R, T]``: ``valid_it * scales[t]``.
 - ``losses`` (codes, ``LOSS_CODES``), ``col_offsets`` ``[T+1]`` into ``C``, ``y_offsets`` ``[T+1]`` into ``Cy``.
 
 The op computes unweighted per-task penalties; task weights (``R`` scales with ``w_k^2``), the norm and the
@@ -25,7 +30,8 @@ sum over tasks are applied afterwards in differentiable torch ops, so a learnabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from functools import cached_property
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -44,19 +50,32 @@ DTYPES = {
 }
 
 
+class Rows(NamedTuple):
+    """The problem packed into rows (see the module docstring)."""
+
+    y: Tensor  # [R, Cy], acc
+    omega: Tensor  # [R, T], acc
+    y_offsets: list[int]
+
+
 @dataclass
 class Packed:
-    """Packed inputs of the fused computation (see the module docstring)."""
+    """The problem as every backend starts from it (see the module docstring)."""
 
     z3: Tensor  # [B, D, P], the features' dtype
     weight: Tensor  # [C, D], accumulation dtype
     bias: Tensor  # [C]
     bias_mask: Tensor  # [C], 1 where the task's head has a bias (its gradient counts in R), else 0
-    y: Tensor  # [R, Cy]
-    omega: Tensor  # [R, T]
+    targets: list[Tensor]  # per task: "ce" int64 [B, P], else acc [B, C_k, P]; views of the caller's targets
+    valid: list[Tensor | None]  # per task bool [B, P], None where every row counts
+    scales: Tensor  # [T] acc: 1 / n_t
     losses: list[int]
     col_offsets: list[int]
-    y_offsets: list[int]
+
+    @cached_property
+    def rows(self) -> Rows:
+        """The row-major layout of ``pack_rows``, built on first use."""
+        return pack_rows(self.z3, self.targets, self.valid, self.scales, self.losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,39 +175,56 @@ def features_3d(features: Tensor) -> Tensor:
 
 
 def pack(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Packed:
-    """Stack the heads and pack targets and validity into the row-major layout every backend reads."""
+    """Stack the heads; view targets and validity as rows of ``z3``; count the valid rows of each task."""
     acc, device = accumulation_dtype(features.dtype), features.device
     z3 = features_3d(features)
     n, p = z3.shape[0], z3.shape[2]
     widths = [w.shape[0] for w in weights]
-    col_offsets, y_offsets = [0], [0]
-    for loss, c in zip(losses, widths):
-        col_offsets.append(col_offsets[-1] + c)
-        y_offsets.append(y_offsets[-1] + (1 if loss == "ce" else c))
-    # Rows in (b, p) order: y [B, P, Cy] and omega [B, P, T] are [R, Cy] and [R, T]; each task writes its columns
-    # in one strided copy (converting the dtype on the way), with no cat of per-task pieces.
-    y = torch.empty(n, p, y_offsets[-1], dtype=acc, device=device)
-    omega = torch.empty(n, p, len(weights), dtype=acc, device=device)
+    views, valid, counts = [], [], []
     for k, (c, target, loss, m) in enumerate(zip(widths, targets, losses, masks)):
-        valid = None if m is None else m.reshape(n, p)
+        v = None if m is None else m.reshape(n, p)
         if loss == "ce":
-            target = target.reshape(n, p)
-            valid = target != ignore_index[k] if valid is None else valid & (target != ignore_index[k])
-            y[:, :, y_offsets[k]].copy_(torch.where(valid, target, 0))
+            target = target.reshape(n, p).long()
+            v = target != ignore_index[k] if v is None else v & (target != ignore_index[k])
         else:
-            y[:, :, y_offsets[k] : y_offsets[k + 1]].copy_(target.reshape(n, c, p).transpose(1, 2))
+            target = target.reshape(n, c, p).to(acc)
         per_row = c if loss != "ce" and reductions[k] == "mean" else 1  # "mean" averages over elements
-        if valid is None:
-            omega[:, :, k].fill_(1.0 / max(n * p * per_row, 1))
-        else:
-            omega[:, :, k].copy_(valid.to(acc) / (valid.sum() * per_row).clamp_min(1).to(acc))
+        counts.append((torch.tensor(n * p, device=device) if v is None else v.sum()) * per_row)
+        views.append(target)
+        valid.append(v)
+    scales = 1 / torch.stack(counts).clamp_min(1).to(acc)
+    col_offsets = [0]
+    for c in widths:
+        col_offsets.append(col_offsets[-1] + c)
     weight = torch.cat([w.detach().to(acc) for w in weights])
     zeros = [torch.zeros(c, dtype=acc, device=device) for c in widths]
     bias = torch.cat([z if b is None else b.detach().to(acc) for z, b in zip(zeros, biases)])
     bias_mask = torch.cat([z if b is None else z + 1 for z, b in zip(zeros, biases)])
     codes = [LOSS_CODES[loss] for loss in losses]
-    return Packed(z3, weight.contiguous(), bias, bias_mask, y.view(n * p, y_offsets[-1]),
-                  omega.view(n * p, len(weights)), codes, col_offsets, y_offsets)
+    return Packed(z3, weight.contiguous(), bias, bias_mask, views, valid, scales, codes, col_offsets)
+
+
+def pack_rows(z3: Tensor, targets: Sequence[Tensor], valid: Sequence[Tensor | None], scales: Tensor,
+              losses: Sequence[int]) -> Rows:
+    """``Rows(y [R, Cy], omega [R, T], y_offsets)`` from ``Packed``'s per-task targets, validity and scales."""
+    n, p = z3.shape[0], z3.shape[2]
+    y_offsets = [0]
+    for code, target in zip(losses, targets):
+        y_offsets.append(y_offsets[-1] + (1 if code == LOSS_CODES["ce"] else target.shape[1]))
+    # Rows in (b, p) order: y [B, P, Cy] and omega [B, P, T] are [R, Cy] and [R, T]; each task writes its columns
+    # in one strided copy (converting the dtype on the way), with no cat of per-task pieces.
+    y = torch.empty(n, p, y_offsets[-1], dtype=scales.dtype, device=z3.device)
+    omega = torch.empty(n, p, len(losses), dtype=scales.dtype, device=z3.device)
+    for k, (code, target, v) in enumerate(zip(losses, targets, valid)):
+        if code == LOSS_CODES["ce"]:
+            y[:, :, y_offsets[k]].copy_(torch.where(v, target, 0))  # v is never None for ce
+        else:
+            y[:, :, y_offsets[k] : y_offsets[k + 1]].copy_(target.transpose(1, 2))
+        if v is None:
+            omega[:, :, k].copy_(scales[k])
+        else:
+            torch.mul(v, scales[k], out=omega[:, :, k])
+    return Rows(y.view(n * p, y_offsets[-1]), omega.view(n * p, len(losses)), y_offsets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,19 +341,32 @@ class _TorchPenalty(torch.autograd.Function):
 
 
 def _kernels(backend: str):
+    """``(forward, backward)`` of a fused backend, both on ``Packed``'s per-task arguments (as the ``cpp`` ops)."""
     if backend == "cpp":
         import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
 
-        return lambda *a: torch.ops.dgr_fast_cpu.dgr_penalty_fwd(*a), lambda *a: torch.ops.dgr_fast_cpu.dgr_penalty_bwd(*a)
+        return torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
     if backend == "cuda":
         import dgr_fast._C_cuda  # noqa: F401  (registers torch.ops.dgr_fast_cuda)
 
-        return lambda *a: torch.ops.dgr_fast_cuda.dgr_penalty_fwd(*a), lambda *a: torch.ops.dgr_fast_cuda.dgr_penalty_bwd(*a)
-    if backend == "triton":
+        fwd, bwd = torch.ops.dgr_fast_cuda.dgr_penalty_fwd, torch.ops.dgr_fast_cuda.dgr_penalty_bwd
+    elif backend == "triton":
         from dgr_fast.kernels import dgr_penalty as triton_kernels
 
-        return triton_kernels.forward, triton_kernels.backward
-    raise ValueError(f"no fused kernels for backend {backend!r}")
+        fwd, bwd = triton_kernels.forward, triton_kernels.backward
+    else:
+        raise ValueError(f"no fused kernels for backend {backend!r}")
+
+    # These kernels read the targets packed into rows: packed in each pass, so that only one pass's copy is alive.
+    def forward(z3, weight, bias, targets, valid, scales, losses, col_offsets):
+        y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
+        return fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+
+    def backward(z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets):
+        y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
+        return bwd(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
+
+    return forward, backward
 
 
 def _missing_kernels(backend: str) -> str | None:
@@ -332,50 +381,54 @@ def _missing_kernels(backend: str) -> str | None:
 
 @torch.library.custom_op("dgr_fast::dgr_penalty_fwd", mutates_args=())
 def _fused_fwd(
-    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, y: Tensor, omega: Tensor,
-    losses: list[int], col_offsets: list[int], y_offsets: list[int], backend: str,
+    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, targets: list[Tensor], valid: list[Tensor | None],
+    scales: Tensor, losses: list[int], col_offsets: list[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    g_w, g_b = _kernels(backend)[0](z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+    g_w, g_b = _kernels(backend)[0](z3, weight, bias, targets, valid, scales, losses, col_offsets)
     g_b = g_b * bias_mask
     return task_penalties(g_w, g_b, col_offsets), g_w, g_b
 
 
 @_fused_fwd.register_fake
-def _(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets, backend):
+def _(z3, weight, bias, bias_mask, targets, valid, scales, losses, col_offsets, backend):
     return weight.new_empty(len(losses)), torch.empty_like(weight), torch.empty_like(bias)
 
 
 @torch.library.custom_op("dgr_fast::dgr_penalty_bwd", mutates_args=())
 def _fused_bwd(
-    z3: Tensor, weight: Tensor, bias: Tensor, y: Tensor, omega: Tensor, gt_w: Tensor, gt_b: Tensor,
-    losses: list[int], col_offsets: list[int], y_offsets: list[int], backend: str,
+    z3: Tensor, weight: Tensor, bias: Tensor, targets: list[Tensor], valid: list[Tensor | None], scales: Tensor,
+    gt_w: Tensor, gt_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
 ) -> Tensor:
-    return _kernels(backend)[1](z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
+    return _kernels(backend)[1](z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets)
 
 
 @_fused_bwd.register_fake
-def _(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets, backend):
+def _(z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets, backend):
     return torch.empty_like(z3, memory_format=torch.contiguous_format)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    z3, weight, bias, _bias_mask, y, omega, losses, col_offsets, y_offsets, backend = inputs
+    z3, weight, bias, _bias_mask, targets, valid, scales, losses, col_offsets, backend = inputs
     _, g_w, g_b = output
-    ctx.save_for_backward(z3, weight, bias, y, omega, g_w, g_b)
-    ctx.meta = (losses, col_offsets, y_offsets, backend)
+    ctx.save_for_backward(z3, weight, bias, scales, g_w, g_b, *targets, *valid)
+    ctx.meta = (losses, col_offsets, backend)
 
 
 def _fused_backward(ctx, grad, _grad_g_w, _grad_g_b):
-    z3, weight, bias, y, omega, g_w, g_b = ctx.saved_tensors
-    losses, col_offsets, y_offsets, backend = ctx.meta
+    z3, weight, bias, scales, g_w, g_b, *per_task = ctx.saved_tensors
+    losses, col_offsets, backend = ctx.meta
+    targets, valid = per_task[: len(losses)], per_task[len(losses) :]
     with torch.no_grad():
         scale = row_scale(grad, col_offsets)
-        dz3 = _fused_bwd(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets, backend)
+        dz3 = _fused_bwd(z3, weight, bias, targets, valid, scales, scale[:, None] * g_w, scale * g_b, losses, col_offsets, backend)
     if torch.is_grad_enabled() and (grad.requires_grad or z3.requires_grad):
         # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
         # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
         dz3 = _functions.DelayedError(_ONCE_DIFFERENTIABLE.format(backend).encode(), 1)(dz3.detach().requires_grad_())
-    return dz3, None, None, None, None, None, None, None, None, None
+    # The gradients mirror how torch.library flattened the inputs: a list of tensors into its tensors, but a list
+    # that holds a None (`valid` where a task counts every row) as one argument.
+    valid_grad = None if any(v is None for v in valid) else [None] * len(valid)
+    return dz3, None, None, None, [None] * len(targets), valid_grad, None, None, None, None
 
 
 _ONCE_DIFFERENTIABLE = (
@@ -454,10 +507,10 @@ def dgr_penalty_per_task(
             targets, losses, masks, ignore_index, reductions,
         )
     p = pack(features, weights, biases, targets, losses, masks, ignore_index, reductions)
-    args = (p.z3, p.weight, p.bias, p.bias_mask, p.y, p.omega, p.losses, p.col_offsets, p.y_offsets)
     if name == "torch":
-        return _TorchPenalty.apply(*args)
-    return _fused_fwd(*args, name)[0]
+        y, omega, y_offsets = p.rows
+        return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
+    return _fused_fwd(p.z3, p.weight, p.bias, p.bias_mask, p.targets, p.valid, p.scales, p.losses, p.col_offsets, name)[0]
 
 
 def apply_norm(penalty: Tensor, norm: str) -> Tensor:
