@@ -418,13 +418,25 @@ def test_dummy_heads_in_a_training_step():
     opt.step()
 
 
-def test_torch_compile_traces_dummy_heads():
-    heads = DummyHeads(6, TASKS, seed=7, backend="torch")
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_torch_compile_traces_dummy_heads(backend):
+    if not dgr_fast.available_backends()[backend].available:
+        pytest.skip(f"backend {backend!r} is not available here: {dgr_fast.available_backends()[backend].reason}")
+    heads = DummyHeads(6, TASKS, seed=7, backend=backend)
     z, t = torch.randn(2, 6, 4, 5, requires_grad=True), dense_targets()
-    compiled = torch.compile(heads, backend="aot_eager", fullgraph=False)
+    targets = []
+
+    def recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(heads, backend=recording, fullgraph=False)
     want = penalty_and_grad(lambda features, **_: heads(features, t), {"features": z})
     got = penalty_and_grad(lambda features, **_: compiled(features, t), {"features": z})
     torch.testing.assert_close(got, want)
+    if backend != "torch":  # the fused backends are traced as their custom op, not through the eager Function
+        assert any("dgr_penalty_fwd" in target for target in targets), targets
 
 
 def test_dummy_heads_per_task_splits_the_penalty():
