@@ -15,6 +15,7 @@ import torch
 import dgr_fast
 from dgr_fast import AdaTask
 from dgr_fast.backends import backend_status, triton_interpreting
+from dgr_fast.optim.adatask import _STEP, StepArgs, _load_extension
 from dgr_fast.reference.adatask import VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -383,17 +384,11 @@ def test_fused_kernel_writes_every_au_entry(backend):
         v = [torch.zeros(K, p.numel()) for p in params]
         au = torch.full((3, K), float("nan"))
         ps = [p.clone() for p in params]
-        args = (ps, grads, m, v, coef)
-        kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, variant=0,
-                  grad_scale=None, found_inf=torch.full((1,), found), au_sums=au)  # fmt: skip
-        if backend == "cpp":
-            import dgr_fast._C  # noqa: F401
-
-            torch.ops.dgr_fast_cpu.adatask_step_(*args, *kw.values())
-        else:
-            from dgr_fast.kernels.adatask import adatask_step_triton
-
-            adatask_step_triton(*args, **kw)
+        steps = [torch.ones(()) for _ in params]
+        _load_extension(backend)
+        _STEP[backend](StepArgs(ps, grads, m, v, coef, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.0, variant=0, grad_scale=None, found_inf=torch.full((1,), found),
+                                au_sums=au))  # fmt: skip
         assert torch.isfinite(au).all()
         if found:
             assert torch.equal(au, torch.zeros(3, K)) and all(torch.equal(a, b) for a, b in zip(ps, params))

@@ -8,11 +8,16 @@ under ``TRITON_INTERPRET=1`` (for tests; bf16 arithmetic is unreliable there).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 1024
+
+if TYPE_CHECKING:
+    from dgr_fast.optim.adatask import StepArgs
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -98,26 +103,12 @@ def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def adatask_step_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    coef: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    variant: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    au_sums: torch.Tensor | None,
-) -> None:
-    """One launch over every tensor. Shapes: ``params`` T contiguous tensors (fp32/fp16/bf16); ``grads[t]``
-    ``[K, n_t]`` of θ's dtype with inner stride 1; moments ``[K, n_t]`` contiguous fp32 (``exp_avgs`` empty unless
-    adam); ``coef`` ``[T, 2]`` fp64; ``grad_scale``/``found_inf`` ``[1]`` fp32; ``au_sums`` ``[T, K]`` fp32, written."""
+def adatask_step_triton(a: StepArgs) -> None:
+    """One launch over every tensor of the bucket (shapes: ``StepArgs``). θ is fp32/fp16/bf16 and contiguous; the
+    moments are fp32."""
+    params, grads, exp_avgs, exp_avg_sqs, coef = a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.coef
+    lr, beta1, beta2, eps, weight_decay, variant = a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.variant
+    grad_scale, found_inf, au_sums = a.grad_scale, a.found_inf, a.au_sums
     device = params[0].device
     dtype = params[0].dtype
     if dtype not in _TL_DTYPE:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -49,150 +50,133 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _step_torch(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    coef: torch.Tensor,
-    steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    variant: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    au_sums: torch.Tensor | None,
-) -> None:
-    """The portable backend: matches ``dgr_fast.reference.adatask.adatask_step_reference`` with foreach ops.
+@dataclass
+class StepArgs:
+    """One step of a (device, dtype) bucket, as every backend takes it.
 
-    Shapes as for every backend: ``params`` T tensors; ``grads[t]`` ``[K, n_t]`` (inner stride 1); moments ``[K, n_t]``
-    in ``state_dtype``; ``coef`` ``[T, 2]`` fp64 (step size lr/bc1, sqrt(bc2)); ``au_sums`` ``[T, K]`` fp32, written.
-    Unlike the fused backends, this one reads ``found_inf`` on the host (a sync) to skip the step.
+    ``params`` T tensors; ``grads[t]`` ``[K, n_t]`` (inner stride 1, θ's dtype); moments ``[K, n_t]`` contiguous in
+    ``state_dtype`` (``exp_avgs`` empty unless adam); ``coef`` ``[T, 2]`` fp64 (step size lr / bc1, sqrt(bc2));
+    ``steps`` the T step counters (already advanced); ``variant`` the index in ``VARIANTS``; ``grad_scale`` /
+    ``found_inf`` ``[1]`` fp32 or None; ``au_sums`` ``[T, K]`` fp32, written (each task's squared update share).
     """
-    if found_inf is not None and bool(found_inf.item()):
-        if au_sums is not None:
-            au_sums.zero_()
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    coef: torch.Tensor
+    steps: list[torch.Tensor]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    variant: int
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    au_sums: torch.Tensor | None
+
+
+def _skip_on_host(a: StepArgs) -> bool:
+    """The portable backends read ``found_inf`` on the host (a sync): True (and AU shares zeroed) to skip the step."""
+    if a.found_inf is None or not bool(a.found_inf.item()):
+        return False
+    if a.au_sums is not None:
+        a.au_sums.zero_()
+    return True
+
+
+def _step_torch(a: StepArgs) -> None:
+    """The portable backend: matches ``dgr_fast.reference.adatask.adatask_step_reference`` with foreach ops."""
+    if _skip_on_host(a):
         return
-    num_tasks = grads[0].shape[0]
-    math_dtype = exp_avg_sqs[0].dtype
-    theta = [p.view(-1) if p.dtype == math_dtype else p.view(-1).to(math_dtype) for p in params]
-    if weight_decay != 0.0:
-        torch._foreach_mul_(theta, 1.0 - lr * weight_decay)
-    coef = coef.to(math_dtype)
+    num_tasks = a.grads[0].shape[0]
+    math_dtype = a.exp_avg_sqs[0].dtype
+    theta = [p.view(-1) if p.dtype == math_dtype else p.view(-1).to(math_dtype) for p in a.params]
+    if a.weight_decay != 0.0:
+        torch._foreach_mul_(theta, 1.0 - a.lr * a.weight_decay)
+    coef = a.coef.to(math_dtype)
     neg_step_size = list((-coef[:, 0]).unbind())
     bc2_sqrt = list(coef[:, 1].unbind())
-    inv_scale = None if grad_scale is None else grad_scale.to(math_dtype).reshape(()).reciprocal()
+    inv_scale = None if a.grad_scale is None else a.grad_scale.to(math_dtype).reshape(()).reciprocal()
     total: list[torch.Tensor] | None = None
     for k in range(num_tasks):
-        g = [gr[k] for gr in grads]
+        g = [gr[k] for gr in a.grads]
         if inv_scale is not None:
             g = torch._foreach_mul(g, inv_scale)
         elif g[0].dtype != math_dtype:
             g = [x.to(math_dtype) for x in g]
-        v = [s[k] for s in exp_avg_sqs]
+        v = [s[k] for s in a.exp_avg_sqs]
         # The same ops in the same order as torch.optim.Adam's single-tensor path (lerp_, mul_ + addcmul_, sqrt,
         # div, add, then addcdiv's (value * m) / denom), so that K = 1 reproduces it bit for bit.
-        if variant == _VARIANT_CODE["adam"]:
-            m = [s[k] for s in exp_avgs]
-            torch._foreach_lerp_(m, g, 1.0 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+        if a.variant == _VARIANT_CODE["adam"]:
+            m = [s[k] for s in a.exp_avgs]
+            torch._foreach_lerp_(m, g, 1.0 - a.beta1)
+            torch._foreach_mul_(v, a.beta2)
+            torch._foreach_addcmul_(v, g, g, value=1.0 - a.beta2)
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, bc2_sqrt)
             numer = m
         else:
-            if variant == _VARIANT_CODE["rmsprop"]:
-                torch._foreach_mul_(v, beta2)
-                torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+            if a.variant == _VARIANT_CODE["rmsprop"]:
+                torch._foreach_mul_(v, a.beta2)
+                torch._foreach_addcmul_(v, g, g, value=1.0 - a.beta2)
             else:
                 torch._foreach_addcmul_(v, g, g, value=1.0)
             denom = torch._foreach_sqrt(v)
             numer = g
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, a.eps)
         u = torch._foreach_mul(numer, neg_step_size)
         torch._foreach_div_(u, denom)
-        if au_sums is not None:
-            au_sums[:, k] = torch.stack([x.double().square().sum() for x in u]).float()
+        if a.au_sums is not None:
+            a.au_sums[:, k] = torch.stack([x.double().square().sum() for x in u]).float()
         if total is None:
             total = u
         else:
             torch._foreach_add_(total, u)
     assert total is not None
     torch._foreach_add_(theta, total)
-    for p, t in zip(params, theta):
+    for p, t in zip(a.params, theta):
         if t.data_ptr() != p.data_ptr():
             p.view(-1).copy_(t)
 
 
-def _step_reference(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    coef: torch.Tensor,
-    steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    variant: int,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    au_sums: torch.Tensor | None,
-) -> None:
-    if found_inf is not None and bool(found_inf.item()):
-        if au_sums is not None:
-            au_sums.zero_()
+def _step_reference(a: StepArgs) -> None:
+    if _skip_on_host(a):
         return
-    flat = [p.view(-1) for p in params]
     shares = adatask_step_reference(
-        flat,
-        grads,
-        exp_avgs if exp_avgs else [torch.empty_like(v) for v in exp_avg_sqs],
-        exp_avg_sqs,
-        [int(s.item()) for s in steps],
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        variant=VARIANTS[variant],
-        inv_grad_scale=1.0 if grad_scale is None else 1.0 / float(grad_scale.item()),
+        [p.view(-1) for p in a.params],
+        a.grads,
+        a.exp_avgs if a.exp_avgs else [torch.empty_like(v) for v in a.exp_avg_sqs],
+        a.exp_avg_sqs,
+        [int(s.item()) for s in a.steps],
+        lr=a.lr,
+        beta1=a.beta1,
+        beta2=a.beta2,
+        eps=a.eps,
+        weight_decay=a.weight_decay,
+        variant=VARIANTS[a.variant],
+        inv_grad_scale=1.0 if a.grad_scale is None else 1.0 / float(a.grad_scale.item()),
     )
-    if au_sums is not None:
-        au_sums.copy_(torch.stack(shares))
+    if a.au_sums is not None:
+        a.au_sums.copy_(torch.stack(shares))
 
 
-def _step_cpp(params, grads, exp_avgs, exp_avg_sqs, coef, steps, *, lr, beta1, beta2, eps, weight_decay, variant,
-              grad_scale, found_inf, au_sums) -> None:  # fmt: skip
-    torch.ops.dgr_fast_cpu.adatask_step_(
-        params, grads, exp_avgs, exp_avg_sqs, coef, lr, beta1, beta2, eps, weight_decay, variant,
-        grad_scale, found_inf, au_sums,
-    )  # fmt: skip
+def _extension_step(namespace: str) -> Callable[[StepArgs], None]:
+    """The ``cpp``/``cuda`` step: the extension's op ``torch.ops.<namespace>.adatask_step_`` (same schema in both)."""
+    def step(a: StepArgs) -> None:
+        getattr(torch.ops, namespace).adatask_step_(
+            a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.coef, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay,
+            a.variant, a.grad_scale, a.found_inf, a.au_sums,
+        )  # fmt: skip
+
+    return step
 
 
-def _step_cuda(params, grads, exp_avgs, exp_avg_sqs, coef, steps, *, lr, beta1, beta2, eps, weight_decay, variant,
-               grad_scale, found_inf, au_sums) -> None:  # fmt: skip
-    torch.ops.dgr_fast_cuda.adatask_step_(
-        params, grads, exp_avgs, exp_avg_sqs, coef, lr, beta1, beta2, eps, weight_decay, variant,
-        grad_scale, found_inf, au_sums,
-    )  # fmt: skip
-
-
-def _step_triton(params, grads, exp_avgs, exp_avg_sqs, coef, steps, *, lr, beta1, beta2, eps, weight_decay, variant,
-                 grad_scale, found_inf, au_sums) -> None:  # fmt: skip
+def _step_triton(a: StepArgs) -> None:
     from dgr_fast.kernels.adatask import adatask_step_triton
 
-    adatask_step_triton(
-        params, grads, exp_avgs, exp_avg_sqs, coef, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, variant=variant, grad_scale=grad_scale, found_inf=found_inf, au_sums=au_sums,
-    )  # fmt: skip
+    adatask_step_triton(a)
 
 
 def adatask_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str | None = None) -> str:
@@ -211,9 +195,9 @@ def _load_extension(backend: str) -> None:
 
 
 _STEP: dict[str, Callable[..., None]] = {
-    "cuda": _step_cuda,
+    "cuda": _extension_step("dgr_fast_cuda"),
     "triton": _step_triton,
-    "cpp": _step_cpp,
+    "cpp": _extension_step("dgr_fast_cpu"),
     "torch": _step_torch,
     "reference": _step_reference,
 }
@@ -553,13 +537,13 @@ class AdaTask(Optimizer):
             coef = torch.stack([torch.full_like(s, lr), torch.ones_like(s)], dim=1)
         track = shared and self.track_au
         au_sums = torch.empty(len(params), K, dtype=torch.float32, device=device) if track else None
-        _STEP[backend](
-            [p.detach() for p in params],
-            grads,
-            [st["exp_avg"].view(K, -1) for st in states] if adam else [],
-            [st["exp_avg_sq"].view(K, -1) for st in states],
-            coef.contiguous(),
-            steps,
+        _STEP[backend](StepArgs(
+            params=[p.detach() for p in params],
+            grads=grads,
+            exp_avgs=[st["exp_avg"].view(K, -1) for st in states] if adam else [],
+            exp_avg_sqs=[st["exp_avg_sq"].view(K, -1) for st in states],
+            coef=coef.contiguous(),
+            steps=steps,
             lr=lr,
             beta1=float(beta1),
             beta2=float(beta2),
@@ -569,7 +553,7 @@ class AdaTask(Optimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             au_sums=au_sums,
-        )
+        ))
         if au_sums is not None:
             weight = torch.full((), 1.0 - self.au_beta, dtype=torch.float32, device=device)
             if found_inf is not None:
