@@ -1,12 +1,16 @@
 """Benchmark one training step per MTL method, with and without DGR.
 
-    python benchmarks/bench_step.py [--device cpu|cuda] [--quick] [--out DIR]
+    python benchmarks/bench_step.py [--device cpu|cuda] [--quick] [--blocks N] [--methods ew,pcgrad]
+                                    [--variants none,cpp] [--out DIR]
 
-A small convolutional encoder (features [B, 64, H, W]) with three dense tasks (segmentation 13 classes with
-ignore_index, depth and normals with masked L1), K = 3. For every method: the median step time without DGR, and
+A small convolutional encoder (Conv(3,32,3)-ReLU-Conv(32,64,3)-ReLU, then ``--blocks`` more Conv(64,64,3)-ReLU;
+features [B, 64, H, W]) with three dense tasks (segmentation 13 classes with ignore_index, depth and normals with
+masked L1), K = 3. The penalty's cost depends on the features only, so ``--blocks`` shows how its share of the step
+falls as the encoder does more work per pixel. For every method: the median step time without DGR, and
 with DGR computed by the fused backend (`cpp` on CPU, `cuda`/`triton` on GPU), by the `torch` closed form, by
 autograd double backward (`reference`), and, for equal weighting, by the authors' finite-difference estimate. The
-DGR overhead is the extra time over the same method without it. Prints a table and writes ``step_<device>.csv`` and
+DGR overhead is the extra median step time over the same method without it; a method's variants take turns step
+by step, so that the machine's drift slows them alike. Prints a table and writes ``step_<device>.csv`` and
 ``step_<device>.png`` (time per step, when matplotlib is installed) to ``--out`` (default ``benchmarks/out``).
 """
 
@@ -36,9 +40,12 @@ TASKS = {"seg": DummyTask("ce", 13, ignore_index=-1), "depth": DummyTask("l1", 1
 
 
 class Model(nn.Module):
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, blocks: int = 0):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, width, 3, padding=1), nn.ReLU())
+        layers = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, width, 3, padding=1), nn.ReLU()]
+        for _ in range(blocks):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        self.encoder = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Conv2d(width, t.out_features, 1) for name, t in TASKS.items()})
 
     def forward(self, x, seg, depth, normal, valid):
@@ -64,22 +71,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, reps):
-    for _ in range(3):  # until glibc's mmap threshold has risen past the step's large blocks (no more page faults)
-        fn()
+def interleaved_medians(fns: dict, device: str, reps: int) -> dict:
+    """Median step time of each function, the functions taking turns step by step: a machine whose speed drifts
+    (this VM's does, by up to 30% within minutes) then slows all of them alike, and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(3):  # until glibc's mmap threshold has risen past the step's large blocks (no more page faults)
+            fn()
     sync(device)
-    times = []
+    times = {key: [] for key in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
-def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str):
+def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str, blocks: int):
     torch.manual_seed(0)
-    model = Model().to(device)
+    model = Model(blocks=blocks).to(device)
     shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
     dummy = None if dgr in (None, "fd") else DummyHeads(64, TASKS, seed=0, backend=dgr, device=device)
     if method == "adatask":
@@ -114,6 +125,22 @@ def fd_step(model, opt_step: MTLStep, data, lam, dummy: DummyHeads):
     opt_step.optimizer.step()
 
 
+def step_function(method: str, dgr: str | None, device: str, args: argparse.Namespace, data: list):
+    """One training step of ``method`` with the DGR variant ``dgr`` (None: without DGR), on its own model."""
+    model, step = build(method, dgr, device, args.dgr_lambda, args.grad_mode, args.blocks)
+    if dgr == "fd":
+        dummy = DummyHeads(64, TASKS, seed=0, device=device)
+        return lambda: fd_step(model, step, data, args.dgr_lambda, dummy)
+    targets = {"seg": data[1], "depth": data[2], "normal": data[3]}
+    masks = {"depth": data[4], "normal": data[4]}
+
+    def fn():
+        z, losses = model(*data)
+        step.step(losses, features=z, dgr_targets=targets if dgr else None, dgr_masks=masks if dgr else None)
+
+    return fn
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Time a step of every method with each DGR variant; a row per (method, variant) with the overhead."""
     device = args.device
@@ -122,30 +149,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     fused = {"cpu": "cpp", "cuda": "cuda"}[device]
     status = dgr_fast.available_backends()
     data = batch(args.batch, args.height, args.width, device)
-    methods = ["ew", "pcgrad", "adatask"] if args.quick else list(METHODS) + ["adatask"]
+    methods = args.methods or (["ew", "pcgrad", "adatask"] if args.quick else list(METHODS) + ["adatask"])
+    variants = [None if v == "none" else {"fused": fused}.get(v, v) for v in args.variants]
+    if variants[0] is not None:
+        raise SystemExit("--variants must start with none: the overhead is measured against it")
     rows = []
     print(f"{'method':>9} {'dgr':>9} {'ms/step':>9} {'overhead':>9}")
     for method in methods:
-        base = None
-        for dgr in [None, fused, "torch", "reference", "fd"]:
+        fns = {}
+        for dgr in variants:
             if dgr == "fd" and method != "ew":
                 continue
             if dgr in ("cpp", "cuda", "triton") and not status[dgr].available:
                 print(f"  skip {dgr}: {status[dgr].reason}")
                 continue
-            model, step = build(method, dgr, device, args.dgr_lambda, args.grad_mode)
-            if dgr == "fd":
-                dummy = DummyHeads(64, TASKS, seed=0, device=device)
-                fn = lambda: fd_step(model, step, data, args.dgr_lambda, dummy)  # noqa: E731
-            else:
-                def fn():
-                    z, losses = model(*data)
-                    targets = {"seg": data[1], "depth": data[2], "normal": data[3]}
-                    masks = {"depth": data[4], "normal": data[4]}
-                    step.step(losses, features=z, dgr_targets=targets if dgr else None, dgr_masks=masks if dgr else None)
-            t = median_time(fn, device, args.reps)
-            base = t if dgr is None else base
-            rows.append(dict(method=method, dgr=dgr or "none", ms=t * 1e3, overhead_pct=100 * (t / base - 1)))
+            fns[dgr] = step_function(method, dgr, device, args, data)
+        medians = interleaved_medians(fns, device, args.reps)
+        base = medians[None]
+        for dgr, t in medians.items():
+            rows.append(dict(method=method, dgr=dgr or "none", blocks=args.blocks, ms=t * 1e3, overhead_pct=100 * (t / base - 1)))
             print(f"{method:>9} {dgr or 'none':>9} {t * 1e3:>9.1f} {100 * (t / base - 1):>+8.1f}%", flush=True)
     return rows
 
@@ -159,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dgr-lambda", type=float, default=0.1)
+    p.add_argument("--blocks", type=int, default=0, help="extra Conv(64,64,3)-ReLU layers in the encoder (default 0)")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=None,
+                   help=f"comma-separated, from {','.join(list(METHODS) + ['adatask'])} (default: all)")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "fused", "torch", "reference", "fd"],
+                   help="DGR variants, first none: none,fused,torch,reference,fd (fused: cpp on CPU, cuda on GPU; "
+                        "fd only with ew)")
     p.add_argument("--grad-mode", choices=("loop", "batched"), default="loop",
                    help="how aggregators and AdaTask take per-task gradients (dgr_fast.mtl.per_task_grads)")
     args = p.parse_args(argv)
