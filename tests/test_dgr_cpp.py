@@ -38,7 +38,7 @@ def _assert_close(actual, expected, **tol):
 @pytest.mark.parametrize(
     "shape,layout",
     [(s, lay) for s in [(37, 29), (2, 11, 5, 7)] for lay in _layouts(s)] + [((3, 20, 9, 40), "contiguous"), ((300, 40), "contiguous")]
-    # many channels: a [D][n] tile of 64 KiB holds few pixels
+    # many channels: a [D][n] tile holds more than 64 KiB
     + [((2, 515, 3, 7), lay) for lay in ("contiguous", "sliced", "channels_last")],
 )
 def test_matches_reference(shape, layout, dtype):
@@ -130,7 +130,9 @@ def _direct(p, gt_seed=0):
     [((37, 29), lay) for lay in ("contiguous", "transposed", "sliced")]
     + [((2, 11, 5, 7), lay) for lay in ("contiguous", "transposed", "sliced", "channels_last")]
     + [((3, 9, 1, 131), "contiguous"), ((130, 3), "contiguous"), ((1, 1), "contiguous")]
-    + [((2, 515, 3, 7), lay) for lay in ("contiguous", "transposed", "sliced")],
+    + [((2, 515, 3, 7), lay) for lay in ("contiguous", "transposed", "sliced")]
+    # wide dense tiles (128 pixels of 300 channels), the last one partial
+    + [((1, 300, 2, 150), "contiguous")],
 )
 def test_direct_call_writes_everything(shape, layout, dtype):
     # Odd sizes: partial tiles, partial vectors and partial register blocks in every layout the kernels tell apart

@@ -60,8 +60,11 @@ enum Loss : int64_t { kCe = 0, kBce = 1, kMse = 2, kL1 = 3 };
 // staging every tile through such a buffer cost as much as it saved.
 constexpr int64_t kRowAlign = 32, kRowPad = 64;
 // Tiles of up to 64 KiB of z: the dense forward's dot products over the tile's pixels get long enough, and the tile
-// stays in L2 (measured: 32 and 128 KiB are slower).
-constexpr int64_t kTileBytes = 64 * 1024;
+// stays in L2 (measured at D = 64: 32 and 128 KiB are slower). Dense tiles ([D][n]) keep at least 128 pixels even
+// where that is more (1 MiB at D = 2048): below that the horizontal sums of those dot products cost as much as the
+// products (measured at 2x2048x36x48: 16-pixel tiles ran the forward at 0.15-0.19 of the matmul rate, 128-pixel
+// tiles at 0.41-0.50, and the backward 1.5x faster too).
+constexpr int64_t kTileBytes = 64 * 1024, kMinDenseTile = 128;
 
 // One task's targets and validity, read in place: element (b, c, p) of the targets is y[b * sb + c * sc + p * sp]
 // (cls, the class indices, for ce), and row (b, p) counts where valid[b * vb + p * vp] (every row where null), with
@@ -129,7 +132,8 @@ void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
   pr.rows = pr.zp != 1 && pr.zd == 1;
   const int64_t per_row = std::max<int64_t>(pr.D, 1) * int64_t(sizeof(T)), lanes = kRowAlign / int64_t(sizeof(T));
   int64_t tile = pr.rows ? 64 : 256;
-  while (tile > 2 * lanes && tile * per_row > kTileBytes) tile /= 2;
+  const int64_t min_tile = pr.rows ? 2 * lanes : kMinDenseTile;
+  while (tile > min_tile && tile * per_row > kTileBytes) tile /= 2;
   pr.tile = std::min(tile, std::max<int64_t>(pr.P, 1));
   const auto padded = [&](int64_t n) { return (n + lanes - 1) / lanes * lanes + kRowPad / int64_t(sizeof(T)); };
   pr.ld = padded(pr.tile);
@@ -221,9 +225,19 @@ DGR_INLINE void copy_block(const S* src, int64_t so, int64_t sk, D* dst, int64_t
 // stride. Read in place where z3 is T with the layout's contiguous dimension, else staged in buf ([D][ld] or
 // [n][ldd]), the copy's inner loop along z3's smaller stride.
 template <typename T>
+bool reads_z_in_place(const Problem<T>& pr) {
+  return pr.same && (pr.rows || pr.zp == 1);
+}
+
+template <typename T>
+bool writes_dz_in_place(const Problem<T>& pr) {
+  return pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
+}
+
+template <typename T>
 DGR_INLINE const T* tile_z(const Problem<T>& pr, const void* z, int64_t b, int64_t p0, int64_t n, T* buf, int64_t* ldz) {
   const int64_t offset = b * pr.zb + p0 * pr.zp;
-  if (pr.same && (pr.rows || pr.zp == 1)) {
+  if (reads_z_in_place(pr)) {
     *ldz = pr.rows ? pr.zp : pr.zd;
     return static_cast<const T*>(z) + offset;
   }
@@ -794,7 +808,8 @@ DGR_INLINE void l1_columns(T* s, int64_t ld, int64_t nc, const T* y, const T* om
 // ---------------------------------------------------------------------------------------------------------------
 // Tiles.
 
-// Per-thread buffers.
+// Per-thread buffers. The z and dz tiles are allocated only where they are used: a tile of wide features is large
+// (1.2 MiB at D = 2048), and a vector's zero-filling would touch all of it.
 template <typename T>
 struct Workspace {
   std::vector<T> z;   // the tile of z, where it cannot be read in place
@@ -803,7 +818,10 @@ struct Workspace {
   std::vector<T> dz;  // (backward) the tile of dz, where it cannot be written in place
 
   Workspace(const Problem<T>& pr, bool forward)
-      : z(tile_size(pr)), rh(pr.M1 * pr.ld), yo((pr.Cy + pr.tasks) * pr.ld), dz(forward ? 0 : tile_size(pr)) {}
+      : z(reads_z_in_place(pr) ? 0 : tile_size(pr)),
+        rh(pr.M1 * pr.ld),
+        yo((pr.Cy + pr.tasks) * pr.ld),
+        dz(forward || writes_dz_in_place(pr) ? 0 : tile_size(pr)) {}
   static int64_t tile_size(const Problem<T>& pr) { return pr.rows ? pr.tile * pr.ldd : pr.D * pr.ld; }
 };
 
@@ -933,7 +951,7 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
     const T *zt = tl.z, *rh = ws.rh.data();
     const int64_t offset = tl.b * pr.ob + tl.p0 * pr.op;
     // In place where dz3 is T and has the compute layout's contiguous dimension; else through the buffer.
-    const bool direct = pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
+    const bool direct = writes_dz_in_place(pr);
     T* dzt = direct ? static_cast<T*>(dz) + offset : ws.dz.data();
     const int64_t ldo = direct ? (pr.rows ? pr.op : pr.od) : (pr.rows ? pr.ldd : pr.ld);
     if (pr.rows)
