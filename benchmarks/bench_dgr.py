@@ -8,7 +8,9 @@ Prints a table and writes ``dgr_<device>.csv`` (and ``dgr_<device>.png`` when ma
 the inputs, the floor (max of bytes / measured copy bandwidth and flops / measured matmul rate, both measured in the
 same run) and ``floor / time`` (the achieved fraction of it).
 
-Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4).
+Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4). ``alloc_ms``
+is the time to allocate a features-sized tensor and write it once, the price of returning dz that every backend pays
+(on a CPU mostly page faults where the block is freshly mapped: glibc maps every block of 32 MiB and more afresh).
 
 CPU peak memory is the rise of the resident set, which follows live memory only when freed blocks go back to the
 system, and times should see the allocator as a training loop does: ``run`` measures all memory first, then all times,
@@ -227,7 +229,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         flops = 12 * shape.features[1] * c * shape.rows
         floor = max(floor_bytes / bandwidth, flops / rate)
         t = median_time(penalty_step(inputs, provider), device, args.min_time, args.max_reps)
+        # What returning dz costs before any arithmetic: a fresh features-sized tensor written once. On a CPU it pays a
+        # page fault per 4 KiB wherever the allocator maps the block afresh (glibc: every block of 32 MiB and more).
+        alloc = median_time(lambda: torch.empty_like(z).fill_(0), device, args.min_time / 4, args.max_reps)
         rows.append(dict(shape=shape.name, provider=provider, ms=t * 1e3, floor_ms=floor * 1e3, of_floor=floor / t,
+                         alloc_ms=alloc * 1e3,
                          peak_extra_mb=memory[shape.name, provider] / 2**20, z_mb=z.numel() * z.element_size() / 2**20))
     by_shape: dict[str, dict] = {}
     for r in rows:
@@ -242,7 +248,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def report(rows: list[dict], out: str, device: str) -> None:
     """Print the table; write ``dgr_<device>.csv`` and a plot of floor / time to ``out``."""
-    cols = ["shape", "provider", "ms", "floor_ms", "of_floor", "speedup_vs_reference", "speedup_vs_torch", "peak_extra_mb", "z_mb"]
+    cols = ["shape", "provider", "ms", "floor_ms", "of_floor", "alloc_ms", "speedup_vs_reference", "speedup_vs_torch", "peak_extra_mb", "z_mb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
