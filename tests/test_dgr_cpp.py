@@ -105,17 +105,18 @@ def _packed(case, dtype=None):
 
 
 def _direct(p, gt_seed=0):
-    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows."""
+    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows. The
+    scales the forward finds must be those of the torch ops (``Packed.validity``), bit for bit."""
     meta = (p.losses, p.col_offsets)
-    args = (p.z3, p.weight, p.bias, p.targets, p.valid, p.scales)
-    g_w, g_b = FWD(*args, *meta)
+    g_w, g_b, scales = FWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, p.per_row, *meta)
+    assert torch.equal(scales, p.validity[1])
     gen = torch.Generator().manual_seed(gt_seed)
     gt_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
     gt_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
     # A freed NaN buffer of dz's size is what the allocator is likely to hand out next: unwritten entries show.
     poison = torch.full(p.z3.shape, float("nan"), dtype=p.z3.dtype)
     del poison
-    dz = BWD(*args, gt_w, gt_b, *meta)
+    dz = BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, gt_w, gt_b, *meta)
     z = p.z3.to(p.weight.dtype)
     ones = torch.ones_like(p.bias)
     y, omega, y_offsets = p.rows
@@ -184,18 +185,20 @@ def test_independent_of_thread_count(shape, layout):
 def test_refuses_bad_arguments():
     p = _packed(make_case((5, 4), dtype=torch.float32, seed=11))
     meta = (p.losses, p.col_offsets)
-    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, targets=p.targets, valid=p.valid, scales=p.scales)
+    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, targets=p.targets, masks=p.masks, ignore_index=p.ignore_index,
+                per_row=p.per_row)
 
     def fwd(**override):
         a = {**good, **override}
-        return FWD(a["z3"], a["weight"], a["bias"], a["targets"], a["valid"], a["scales"], *override.pop("meta", meta))
+        return FWD(a["z3"], a["weight"], a["bias"], a["targets"], a["masks"], a["ignore_index"], a["per_row"],
+                   *override.pop("meta", meta))
 
     def task(t, value, items):
         return [value if k == t else x for k, x in enumerate(items)]
 
     ce = p.losses.index(dp.LOSS_CODES["ce"])
     other = next(t for t, code in enumerate(p.losses) if code != dp.LOSS_CODES["ce"])
-    valid = next(t for t, v in enumerate(p.valid) if v is not None)
+    masked = next(t for t, m in enumerate(p.masks) if m is not None)
     cases = [
         (dict(z3=p.z3.to(torch.int32)), "z3 must be float32"),
         (dict(z3=p.z3[..., 0]), r"z3 must be \[B, D, P\]"),
@@ -206,10 +209,12 @@ def test_refuses_bad_arguments():
         (dict(targets=task(ce, p.targets[ce][:2], p.targets)), rf"targets\[{ce}\] \(ce\) must have shape"),
         (dict(targets=task(other, p.targets[other].double(), p.targets)), rf"targets\[{other}\] must be Float"),
         (dict(targets=task(other, p.targets[other][:, :1], p.targets)), rf"targets\[{other}\] must have shape"),
-        (dict(targets=p.targets[:-1]), "targets and valid"),
-        (dict(valid=task(valid, p.valid[valid].float(), p.valid)), rf"valid\[{valid}\] must be Bool"),
-        (dict(scales=p.scales[:2]), "scales must have shape"),
-        (dict(scales=p.scales.double()), "scales must be Float"),
+        (dict(targets=p.targets[:-1]), "targets, masks and ignore_index"),
+        (dict(ignore_index=p.ignore_index[:-1]), "targets, masks and ignore_index"),
+        (dict(masks=task(masked, p.masks[masked].float(), p.masks)), rf"masks\[{masked}\] must be Bool"),
+        (dict(masks=task(masked, p.masks[masked][:2], p.masks)), rf"masks\[{masked}\] must have shape"),
+        (dict(per_row=p.per_row[:2]), "per_row needs 4 entries"),
+        (dict(per_row=[0] * 4), "per_row entries must be >= 1"),
         (dict(meta=([0, 1, 2, 9], meta[1])), "not a loss code"),
         (dict(meta=(meta[0], meta[1][:-1])), "col_offsets needs"),
         (dict(meta=(meta[0], [0, 5, 5, 7, 8])), "columns"),
@@ -217,9 +222,31 @@ def test_refuses_bad_arguments():
     for override, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fwd(**override)
-    gt = torch.zeros_like(p.weight)
-    with pytest.raises(RuntimeError, match="gt_w must have shape"):
-        BWD(p.z3, p.weight, p.bias, p.targets, p.valid, p.scales, gt[:2], p.bias, *meta)
+    g_w, g_b, scales = fwd()
+
+    def bwd(scales=scales, gt_w=g_w):
+        return BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, gt_w, g_b, *meta)
+
+    for override, message in [(dict(gt_w=g_w[:2]), "gt_w must have shape"), (dict(scales=scales[:2]), "scales must have shape"),
+                              (dict(scales=scales.double()), "scales must be Float")]:
+        with pytest.raises(RuntimeError, match=message):
+            bwd(**override)
+
+
+def test_class_indices_are_checked_in_the_kernel():
+    # The cpp forward checks the class indices of the rows it counts, as it stages them: the error must be the one the
+    # torch ops give for the other backends, naming the task and its first bad index in row order, also when bad
+    # indices lie in several forward blocks (1024+ rows each) and in several tasks.
+    case = make_case((3000, 8), classes=(5, 3), losses=("ce", "ce"), seed=14)
+    first, second = case["targets"][0].clone(), case["targets"][1].clone()
+    first[[2100, 2900]], second[[700, 1500]] = torch.tensor([5, -7]), torch.tensor([9, 3])
+    case["masks"] = [None, torch.arange(3000) != 700]  # the mask hides task 1's index 9: its first bad one is row 1500
+    second[1500] = -2
+    for targets, expected in [([first, case["targets"][1]], r"targets\[0\] holds class index 5 outside \[0, 5\)"),
+                              ([case["targets"][0], second], r"targets\[1\] holds class index -2 outside \[0, 3\)")]:
+        for backend in ("cpp", "torch", "reference"):
+            with pytest.raises(ValueError, match=expected + r" \(C_k = weights\[\d\]\.shape\[0\]; ignore_index = -1\)"):
+                dgr_penalty(**dict(case, targets=targets), backend=backend)
 
 
 def test_reads_targets_and_masks_in_place_in_any_layout():

@@ -10,8 +10,11 @@
 // (forward) or dz (backward) is a second GEMM. Columns of l1 tasks have H = 0: the backward leaves them out of
 // u and H u instead of multiplying by zero.
 //
-// The targets and validity masks are read in place too (`Source`, per task), staged tile by tile: the op allocates
-// nothing row-sized but dz.
+// The targets and masks are read in place too (`Source`, per task), staged tile by tile, and each row's validity is
+// decided there: the op allocates nothing row-sized but dz, and its caller makes no pass over the targets. The forward
+// counts each task's valid rows n_t, checks the class indices of the valid ce rows, and sums G with omega = valid;
+// it scales task t's rows of G by 1 / n_t (the `scales` it returns) at the end, which is the same sum as
+// `_torch_gradients` with omega = valid / n_t. The backward is given those scales.
 //
 // Layouts, without a copy of z: a tile is read in place either as [D][n] (pixels contiguous: dense maps, a transposed
 // [N, D]) or as [n][D] (channels contiguous: [N, D] rows, channels_last maps). fp16/bf16 tiles and other strides are
@@ -66,18 +69,24 @@ constexpr int64_t kRowAlign = 32, kRowPad = 64;
 // tiles at 0.41-0.50, and the backward 1.5x faster too).
 constexpr int64_t kTileBytes = 64 * 1024, kMinDenseTile = 128;
 
-// One task's targets and validity, read in place: element (b, c, p) of the targets is y[b * sb + c * sc + p * sp]
-// (cls, the class indices, for ce), and row (b, p) counts where valid[b * vb + p * vp] (every row where null), with
-// weight scale. The packed omega of the other backends is valid * scale.
+// One task's targets and mask, read in place: element (b, c, p) of the targets is y[b * sb + c * sc + p * sp] (cls,
+// the class indices, for ce), and row (b, p) is valid where mask[b * vb + p * vp] (every row where null) and, for
+// ce, its class index is not `ignore`. Valid rows have weight omega = scale. (The packed omega of the other
+// backends is valid / n_t.)
 template <typename T>
 struct Source {
   const T* y = nullptr;
   const int64_t* cls = nullptr;
   int64_t sb = 0, sc = 0, sp = 0;
-  const bool* valid = nullptr;
+  const bool* mask = nullptr;
   int64_t vb = 0, vp = 0;
+  int64_t ignore = 0, classes = 0;
   T scale = T(0);
 };
+
+// What the forward learns of the rows while it stages them, per block and task: valid rows, and the first valid ce
+// row (b * P + p) whose class index is outside [0, C_t), with that index. kTally entries per task.
+enum TallyEntry : int64_t { kCount = 0, kBadRow = 1, kBadClass = 2, kTally = 3 };
 
 // The problem, normalised: z3 is read as B images of P rows; [N, D, 1] becomes one image of N rows (swapped), so
 // that a tile of consecutive rows is one affine block of memory in every layout.
@@ -164,15 +173,15 @@ void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offse
 }
 
 // After set_geometry: the row strides follow z3's normalisation (a swapped problem reads the batch stride as p's).
+// scales: one per task (the backward), or nullptr for 1 (the forward, which finds them).
 template <typename T>
-void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& valid,
-                 const at::Tensor& scales) {
+void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks,
+                 at::IntArrayRef ignore_index, const T* scales) {
   const auto rows = [&](int64_t sb, int64_t sp, int64_t* ob, int64_t* op) {
     *ob = pr.swapped ? 0 : sb;
     *op = pr.swapped ? sb : sp;
   };
   pr.src.assign(pr.tasks, Source<T>{});
-  const T* sc = scales.data_ptr<T>();
   for (int64_t t = 0; t < pr.tasks; ++t) {
     Source<T>& s = pr.src[t];
     const at::Tensor& y = targets[t];
@@ -184,12 +193,14 @@ void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::op
       s.sc = y.stride(1);
       rows(y.stride(0), y.stride(2), &s.sb, &s.sp);
     }
-    const std::optional<at::Tensor> v = valid.get(t);
-    if (v.has_value() && v->defined()) {
-      s.valid = v->data_ptr<bool>();
-      rows(v->stride(0), v->stride(1), &s.vb, &s.vp);
+    const std::optional<at::Tensor> m = masks.get(t);
+    if (m.has_value() && m->defined()) {
+      s.mask = m->data_ptr<bool>();
+      rows(m->stride(0), m->stride(1), &s.vb, &s.vp);
     }
-    s.scale = sc[t];
+    s.ignore = ignore_index[t];
+    s.classes = pr.c0[t + 1] - pr.c0[t];
+    s.scale = scales ? scales[t] : T(1);
   }
 }
 
@@ -314,12 +325,13 @@ bool use_avx2() {
 // The kernels' best copy for this CPU. fp64 is the gradcheck path: the baseline copy only, which keeps the build
 // shorter.
 template <typename T>
-void dispatch_forward(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts) {
+void dispatch_forward(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts,
+                      int64_t* tallies) {
 #if DGR_HAVE_AVX2_COPY
   if constexpr (std::is_same_v<T, float>)
-    if (use_avx2()) return avx2::forward_blocks(pr, z, per_block, blk0, blk1, parts);
+    if (use_avx2()) return avx2::forward_blocks(pr, z, per_block, blk0, blk1, parts, tallies);
 #endif
-  baseline::forward_blocks(pr, z, per_block, blk0, blk1, parts);
+  baseline::forward_blocks(pr, z, per_block, blk0, blk1, parts, tallies);
 }
 
 template <typename T>
@@ -343,7 +355,7 @@ void check_tensor(const at::Tensor& x, const std::string& name, at::ScalarType d
 
 // Returns the accumulation dtype (that of weight, bias, scales and the float targets).
 at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
-                          const c10::List<std::optional<at::Tensor>>& valid, const at::Tensor& scales,
+                          const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
                           at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   TORCH_CHECK(z3.device().is_cpu(), "dgr_penalty (cpp): z3 must be a CPU tensor, got ", z3.device());
   TORCH_CHECK(z3.dim() == 3, "dgr_penalty (cpp): z3 must be [B, D, P], got ", z3.sizes());
@@ -353,9 +365,11 @@ at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const 
   const auto acc = zt == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = int64_t(losses.size());
   TORCH_CHECK(T >= 1, "dgr_penalty (cpp): losses is empty");
-  TORCH_CHECK(int64_t(col_offsets.size()) == T + 1 && int64_t(targets.size()) == T && int64_t(valid.size()) == T,
-              "dgr_penalty (cpp): col_offsets needs len(losses) + 1 = ", T + 1, " entries and targets and valid ", T,
-              ", got ", col_offsets.size(), ", ", targets.size(), " and ", valid.size());
+  TORCH_CHECK(int64_t(col_offsets.size()) == T + 1 && int64_t(targets.size()) == T && int64_t(masks.size()) == T &&
+                  int64_t(ignore_index.size()) == T,
+              "dgr_penalty (cpp): col_offsets needs len(losses) + 1 = ", T + 1, " entries and targets, masks and ",
+              "ignore_index ", T, ", got ", col_offsets.size(), ", ", targets.size(), ", ", masks.size(), " and ",
+              ignore_index.size());
   TORCH_CHECK(col_offsets[0] == 0, "dgr_penalty (cpp): col_offsets must start at 0");
   const int64_t B = z3.size(0), D = z3.size(1), P = z3.size(2);
   for (int64_t t = 0; t < T; ++t) {
@@ -368,28 +382,31 @@ at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const 
       check_tensor(targets[t], name + " (ce)", at::kLong, {B, P}, false);
     else
       check_tensor(targets[t], name, acc, {B, nc, P}, false);
-    const std::optional<at::Tensor> v = valid.get(t);
-    if (v.has_value() && v->defined()) check_tensor(*v, "valid[" + std::to_string(t) + "]", at::kBool, {B, P}, false);
+    const std::optional<at::Tensor> m = masks.get(t);
+    if (m.has_value() && m->defined()) check_tensor(*m, "masks[" + std::to_string(t) + "]", at::kBool, {B, P}, false);
   }
   check_tensor(weight, "weight", acc, {col_offsets[T], D}, true);
   check_tensor(bias, "bias", acc, {col_offsets[T]}, false);
-  check_tensor(scales, "scales", acc, {T}, true);
   return acc;
 }
 
+// scales: the backward's (checked, contiguous), or nullptr in the forward.
 template <typename T>
-Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& valid,
-                        const at::Tensor& scales, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks,
+                        at::IntArrayRef ignore_index, const at::Tensor* scales, at::IntArrayRef losses,
+                        at::IntArrayRef col_offsets) {
   Problem<T> pr;
   set_heads(pr, losses, col_offsets);
   set_geometry(pr, z3);
-  set_sources(pr, targets, valid, scales);
+  set_sources(pr, targets, masks, ignore_index, scales ? scales->data_ptr<T>() : nullptr);
   return pr;
 }
 
+// Returns (G_W, G_b, scales): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t] (its
+// columns for an elementwise mean), and task t's rows of G scaled by it.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight,
-                                                const at::Tensor& bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight,
+                                                            const at::Tensor& bias, at::IntArrayRef per_row) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
   std::vector<T> A1(C * ldd);
@@ -403,11 +420,30 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor&
   const int64_t per_block = std::max<int64_t>(1, (std::max<int64_t>(1024, 16 * pr.C) + pr.tile - 1) / pr.tile);
   const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = C * ldd + C;
   std::vector<T> parts(blocks * slot);
+  std::vector<int64_t> tallies(blocks * pr.tasks * kTally);
   const void* z = z3.data_ptr();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { dispatch_forward(pr, z, per_block, b0, b1, parts.data()); });
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    dispatch_forward(pr, z, per_block, b0, b1, parts.data(), tallies.data());
+  });
+  at::Tensor scales = at::empty({pr.tasks}, weight.options());
+  T* sc = scales.data_ptr<T>();
+  for (int64_t t = 0; t < pr.tasks; ++t) {
+    int64_t valid_rows = 0;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t* tally = tallies.data() + (k * pr.tasks + t) * kTally;
+      // Blocks are in row order: the first block that saw a bad class index holds the task's first one. The message
+      // is the one `dgr_penalty`'s own check gives for the other backends.
+      TORCH_CHECK_VALUE(tally[kBadRow] < 0, "targets[", t, "] holds class index ", tally[kBadClass], " outside [0, ",
+                        pr.src[t].classes, ") (C_k = weights[", t, "].shape[0]; ignore_index = ", pr.src[t].ignore, ")");
+      valid_rows += tally[kCount];
+    }
+    sc[t] = T(1) / T(std::max<int64_t>(valid_rows * per_row[t], 1));
+  }
+  std::vector<T> column_scale(C);
+  for (int64_t t = 0; t < pr.tasks; ++t) std::fill(column_scale.begin() + pr.c0[t], column_scale.begin() + pr.c0[t + 1], sc[t]);
   at::Tensor g_w = at::zeros({C, D}, weight.options()), g_b = at::zeros({C}, weight.options());
   T *gw = g_w.data_ptr<T>(), *gb = g_b.data_ptr<T>();
-  // Row c < C of G_W, or G_b for c == C, summed over the blocks in block order.
+  // Row c < C of G_W, or G_b for c == C, summed over the blocks in block order, then scaled.
   at::parallel_for(0, C + 1, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* out = c < C ? gw + c * D : gb;
@@ -416,9 +452,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor&
         const T* part = parts.data() + k * slot + from;
         for (int64_t e = 0; e < len; ++e) out[e] += part[e];
       }
+      for (int64_t e = 0; e < len; ++e) out[e] *= c < C ? column_scale[c] : column_scale[e];
     }
   });
-  return {g_w, g_b};
+  return {g_w, g_b, scales};
 }
 
 template <typename T>
@@ -458,27 +495,34 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   return dz3;
 }
 
-std::tuple<at::Tensor, at::Tensor> dgr_penalty_fwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
-                                                   at::TensorList targets,
-                                                   const c10::List<std::optional<at::Tensor>>& valid,
-                                                   const at::Tensor& scales, at::IntArrayRef losses,
-                                                   at::IntArrayRef col_offsets) {
-  check_args(z3, weight, bias, targets, valid, scales, losses, col_offsets);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dgr_penalty_fwd(
+    const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
+    const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index, at::IntArrayRef per_row,
+    at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+  check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
+  TORCH_CHECK(per_row.size() == losses.size(), "dgr_penalty (cpp): per_row needs ", losses.size(), " entries, got ",
+              per_row.size());
+  for (const int64_t k : per_row) TORCH_CHECK(k >= 1, "dgr_penalty (cpp): per_row entries must be >= 1, got ", k);
   if (z3.scalar_type() == at::kDouble)
-    return forward_impl(make_problem<double>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias);
-  return forward_impl(make_problem<float>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias);
+    return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
+                        bias, per_row);
+  return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
+                      bias, per_row);
 }
 
 at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
-                           const c10::List<std::optional<at::Tensor>>& valid, const at::Tensor& scales,
-                           const at::Tensor& gt_w, const at::Tensor& gt_b, at::IntArrayRef losses,
-                           at::IntArrayRef col_offsets) {
-  const auto acc = check_args(z3, weight, bias, targets, valid, scales, losses, col_offsets);
+                           const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
+                           const at::Tensor& scales, const at::Tensor& gt_w, const at::Tensor& gt_b,
+                           at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+  const auto acc = check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
+  check_tensor(scales, "scales", acc, {int64_t(losses.size())}, true);
   check_tensor(gt_w, "gt_w", acc, weight.sizes(), false);
   check_tensor(gt_b, "gt_b", acc, bias.sizes(), false);
   if (z3.scalar_type() == at::kDouble)
-    return backward_impl(make_problem<double>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias, gt_w, gt_b);
-  return backward_impl(make_problem<float>(z3, targets, valid, scales, losses, col_offsets), z3, weight, bias, gt_w, gt_b);
+    return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3,
+                         weight, bias, gt_w, gt_b);
+  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3, weight,
+                       bias, gt_w, gt_b);
 }
 
 }  // namespace
@@ -486,11 +530,11 @@ at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const
 
 TORCH_LIBRARY_FRAGMENT(dgr_fast_cpu, m) {
   m.def(
-      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] valid, Tensor scales, "
-      "int[] losses, int[] col_offsets) -> (Tensor, Tensor)");
+      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] masks, int[] ignore_index, "
+      "int[] per_row, int[] losses, int[] col_offsets) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] valid, Tensor scales, "
-      "Tensor gt_w, Tensor gt_b, int[] losses, int[] col_offsets) -> Tensor");
+      "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] masks, int[] ignore_index, "
+      "Tensor scales, Tensor gt_w, Tensor gt_b, int[] losses, int[] col_offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dgr_fast_cpu, CPU, m) {
@@ -852,26 +896,60 @@ DGR_INLINE void gather(const S* src, int64_t stride, int64_t n, T* dst) {
     for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i * stride]);
 }
 
+// omega of one task for the tile of rows p0 .. p0 + n of image b, and for ce its class indices (as T) into cls_out;
+// with a tally (the forward), the task's entries are updated. Branch-free over the rows, so that GCC vectorises it
+// for unit strides (the common case, given its own copy of the loop); a bad class index is located afterwards.
+template <typename T>
+DGR_INLINE void stage_validity(const Problem<T>& pr, const Source<T>& src, int64_t b, int64_t p0, int64_t n, T* om,
+                               T* cls_out, int64_t* tally) {
+  const bool* m = src.mask ? src.mask + b * src.vb + p0 * src.vp : nullptr;
+  const int64_t* cls = src.cls ? src.cls + b * src.sb + p0 * src.sp : nullptr;
+  const uint64_t classes = uint64_t(src.classes);  // unsigned: a negative index compares as too large
+  int64_t valid_rows = 0, bad = 0;
+  const auto rows = [&](int64_t sp, int64_t vp) {
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t valid = !m || m[i * vp];
+      if (cls) {
+        const int64_t c = cls[i * sp];
+        cls_out[i] = T(c);
+        valid &= int64_t(c != src.ignore);
+        bad |= valid & int64_t(uint64_t(c) >= classes);
+      }
+      om[i] = valid ? src.scale : T(0);
+      valid_rows += valid;
+    }
+  };
+  if ((!cls || src.sp == 1) && (!m || src.vp == 1))
+    rows(1, 1);
+  else
+    rows(src.sp, src.vp);
+  if (!tally) return;
+  tally[kCount] += valid_rows;
+  if (!bad || tally[kBadRow] >= 0) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = cls[i * src.sp];
+    if ((!m || m[i * src.vp]) && c != src.ignore && uint64_t(c) >= classes) {
+      tally[kBadRow] = b * pr.P + p0 + i;
+      tally[kBadClass] = c;
+      return;
+    }
+  }
+}
+
 // r (and H u, when the backward passes its u rows) of every task, in place, for the tile of rows p0 .. p0 + n of
 // image b. The tile's targets and omega are staged in yo first, as rows ([Cy + tasks][ld]), from the task sources.
+// tally: the forward's block tally ([tasks][kTally]), nullptr in the backward.
 template <typename T>
-DGR_INLINE void residuals(const Problem<T>& pr, int64_t b, int64_t p0, int64_t n, T* s, T* u, T* yo) {
+DGR_INLINE void residuals(const Problem<T>& pr, int64_t b, int64_t p0, int64_t n, T* s, T* u, T* yo, int64_t* tally) {
   const int64_t ld = pr.ld, width = whole_vectors<T>(n), cols = pr.Cy + pr.tasks;
   for (int64_t t = 0; t < pr.tasks; ++t) {
     const Source<T>& src = pr.src[t];
-    const int64_t at = b * src.sb + p0 * src.sp;
     T* yt = yo + pr.y0[t] * ld;
-    if (src.cls)
-      gather(src.cls + at, src.sp, n, yt);
-    else
-      for (int64_t c = 0; c < pr.y0[t + 1] - pr.y0[t]; ++c) gather(src.y + at + c * src.sc, src.sp, n, yt + c * ld);
-    T* om = yo + (pr.Cy + t) * ld;
-    if (src.valid) {
-      const bool* v = src.valid + b * src.vb + p0 * src.vp;
-      for (int64_t i = 0; i < n; ++i) om[i] = v[i * src.vp] ? src.scale : T(0);
-    } else {
-      std::fill(om, om + n, src.scale);
+    if (!src.cls) {
+      const T* y = src.y + b * src.sb + p0 * src.sp;
+      for (int64_t c = 0; c < pr.y0[t + 1] - pr.y0[t]; ++c) gather(y + c * src.sc, src.sp, n, yt + c * ld);
     }
+    stage_validity(pr, src, b, p0, n, yo + (pr.Cy + t) * ld, yt, tally ? tally + t * kTally : nullptr);
   }
   for (int64_t k = 0; k < cols; ++k)
     for (int64_t i = n; i < width; ++i) yo[k * ld + i] = T(0);
@@ -898,8 +976,9 @@ struct Tile {
   const T* z;
 };
 
+// tally: the forward's block tally (see residuals); nullptr in the backward.
 template <typename T>
-DGR_INLINE Tile<T> start_tile(const Problem<T>& pr, const void* z, int64_t t, Workspace<T>& ws, bool backward) {
+DGR_INLINE Tile<T> start_tile(const Problem<T>& pr, const void* z, int64_t t, Workspace<T>& ws, int64_t* tally) {
   Tile<T> tl;
   tl.b = t / pr.tiles_per_image;
   tl.p0 = (t % pr.tiles_per_image) * pr.tile;
@@ -907,23 +986,29 @@ DGR_INLINE Tile<T> start_tile(const Problem<T>& pr, const void* z, int64_t t, Wo
   tl.z = tile_z(pr, z, tl.b, tl.p0, tl.n, ws.z.data(), &tl.ldz);
   T* rh = ws.rh.data();
   project(pr, tl.z, tl.ldz, tl.n, rh);
-  residuals(pr, tl.b, tl.p0, tl.n, rh, backward ? rh + pr.C * pr.ld : static_cast<T*>(nullptr), ws.yo.data());
+  residuals(pr, tl.b, tl.p0, tl.n, rh, tally ? static_cast<T*>(nullptr) : rh + pr.C * pr.ld, ws.yo.data(), tally);
   return tl;
 }
 
 // Forward over blocks [blk0, blk1): block k sums tiles [k * per_block, (k + 1) * per_block) into
-// parts[k] = (G_W [C][ldd], G_b [C]).
+// parts[k] = (G_W [C][ldd], G_b [C]), with omega = valid, and tallies their rows into tallies[k] ([tasks][kTally]).
 template <typename T>
-void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts) {
+void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int64_t blk0, int64_t blk1, T* parts,
+                    int64_t* tallies) {
   Workspace<T> ws(pr, true);
   const int64_t C = pr.C, D = pr.D, L = kLanes<T>;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     T* G = parts + blk * (C * pr.ldd + C);
     T* Gb = G + C * pr.ldd;
     std::fill(G, Gb + C, T(0));
+    int64_t* tally = tallies + blk * pr.tasks * kTally;
+    for (int64_t t = 0; t < pr.tasks; ++t) {
+      tally[t * kTally + kCount] = 0;
+      tally[t * kTally + kBadRow] = -1;
+    }
     const int64_t last = std::min(pr.tiles, (blk + 1) * per_block);
     for (int64_t t = blk * per_block; t < last; ++t) {
-      const Tile<T> tl = start_tile(pr, z, t, ws, false);
+      const Tile<T> tl = start_tile(pr, z, t, ws, tally);
       const int64_t n = tl.n, ldz = tl.ldz;
       const T *zt = tl.z, *r = ws.rh.data();
       if (pr.rows)
@@ -946,7 +1031,7 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
   Workspace<T> ws(pr, false);
   const int64_t D = pr.D;
   for (int64_t t = t0; t < t1; ++t) {
-    const Tile<T> tl = start_tile(pr, z, t, ws, true);
+    const Tile<T> tl = start_tile(pr, z, t, ws, static_cast<int64_t*>(nullptr));
     const int64_t n = tl.n, ldz = tl.ldz;
     const T *zt = tl.z, *rh = ws.rh.data();
     const int64_t offset = tl.b * pr.ob + tl.p0 * pr.op;

@@ -13,10 +13,13 @@ Backward, given ``dR_t`` (``Gt = dR_t * G`` row-scaled per task):
 
 ``pack`` puts the problem in the form every backend starts from (``Packed``), with no row-sized copy where dtypes
 already match: per task, the targets as ``[B, P]`` class indices (``"ce"``, int64) or ``[B, C_k, P]`` (acc dtype)
-views, the validity ``[B, P]`` (bool, ``None`` where every row counts; ``ignore_index`` folded in) and
-``scales [T] = 1 / n_t`` (``n_t`` valid rows, times ``C_k`` for an elementwise ``"mean"``), so that
-``omega_it = valid_it * scales[t]``. The ``cpp`` kernels read that in place. The ``torch``, ``triton`` and ``cuda``
-code reads it packed into rows (``pack_rows``, ``R = B * P`` rows in ``(b, p)`` order):
+views, the mask as a ``[B, P]`` bool view (or ``None``), ``ignore_index`` and ``per_row`` (``C_k`` for an
+elementwise ``"mean"``, else 1). A row is valid for a task where its mask holds and, for ``"ce"``, its class index is
+not ``ignore_index``; ``n_t`` is the number of valid rows times ``per_row[t]``, ``scales [T] = 1 / n_t`` and
+``omega_it = valid_it * scales[t]``. The ``cpp`` kernels read targets and masks in place and find validity, ``n_t``
+and bad class indices in their forward pass. The ``torch``, ``triton`` and ``cuda`` code finds them with torch ops
+(``row_validity``, ``Packed.validity``) and reads the problem packed into rows (``pack_rows``, ``R = B * P`` rows in
+``(b, p)`` order):
 
 - ``y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
   ``C_k`` columns (the targets).
@@ -29,6 +32,7 @@ sum over tasks are applied afterwards in differentiable torch ops, so a learnabl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Sequence
@@ -67,19 +71,27 @@ class Packed:
     bias: Tensor  # [C]
     bias_mask: Tensor  # [C], 1 where the task's head has a bias (its gradient counts in R), else 0
     targets: list[Tensor]  # per task: "ce" int64 [B, P], else acc [B, C_k, P]; views of the caller's targets
-    valid: list[Tensor | None]  # per task bool [B, P], None where every row counts
-    scales: Tensor  # [T] acc: 1 / n_t
+    masks: list[Tensor | None]  # per task bool [B, P] views, None where no mask was given
+    ignore_index: list[int]  # per task (read for "ce" only)
+    per_row: list[int]  # per task: C_k for an elementwise "mean", else 1
     losses: list[int]
     col_offsets: list[int]
 
     @cached_property
+    def validity(self) -> tuple[list[Tensor | None], Tensor]:
+        """``(valid, scales)`` by torch ops, as the ``cpp`` kernels find them (bad class indices raise here)."""
+        valid = row_validity(self.targets, self.masks, self.ignore_index, self.losses, self.col_offsets)
+        return valid, row_scales(valid, self.per_row, self.z3, self.weight.dtype)
+
+    @cached_property
     def rows(self) -> Rows:
         """The row-major layout of ``pack_rows``, built on first use."""
-        return pack_rows(self.z3, self.targets, self.valid, self.scales, self.losses)
+        return pack_rows(self.z3, self.targets, *self.validity, self.losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Input checks: everything is refused here, before a kernel runs, with the argument named.
+# Input checks: everything but the class indices (data, checked by `row_validity` or by the cpp forward pass as it reads
+# them) is refused here, before a kernel runs, with the argument named.
 
 
 def _seq(name: str, value, num_tasks: int, default) -> list:
@@ -146,15 +158,6 @@ def _check_inputs(features, weights, biases, targets, losses, masks, ignore_inde
                 raise TypeError(f"targets[{k}] (loss 'ce') must hold integer class indices, got {y.dtype}")
             if y.shape != row_shape:
                 raise ValueError(f"targets[{k}] (loss 'ce') must be {list(row_shape)} class indices, got {list(y.shape)}")
-            valid = y != ignore_index[k]
-            if m is not None:
-                valid = valid & m
-            bad = valid & ((y < 0) | (y >= classes))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
-                    f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
-                )
         else:
             expected = features.shape[:1] + (classes,) + features.shape[2:]
             if not y.is_floating_point():
@@ -175,33 +178,52 @@ def features_3d(features: Tensor) -> Tensor:
 
 
 def pack(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Packed:
-    """Stack the heads; view targets and validity as rows of ``z3``; count the valid rows of each task."""
+    """Stack the heads; view targets and masks as rows of ``z3``. Reads no row data."""
     acc, device = accumulation_dtype(features.dtype), features.device
     z3 = features_3d(features)
     n, p = z3.shape[0], z3.shape[2]
     widths = [w.shape[0] for w in weights]
-    views, valid, counts = [], [], []
-    for k, (c, target, loss, m) in enumerate(zip(widths, targets, losses, masks)):
-        v = None if m is None else m.reshape(n, p)
-        if loss == "ce":
-            target = target.reshape(n, p).long()
-            v = target != ignore_index[k] if v is None else v & (target != ignore_index[k])
-        else:
-            target = target.reshape(n, c, p).to(acc)
-        per_row = c if loss != "ce" and reductions[k] == "mean" else 1  # "mean" averages over elements
-        counts.append((torch.tensor(n * p, device=device) if v is None else v.sum()) * per_row)
-        views.append(target)
-        valid.append(v)
-    scales = 1 / torch.stack(counts).clamp_min(1).to(acc)
-    col_offsets = [0]
-    for c in widths:
-        col_offsets.append(col_offsets[-1] + c)
+    views = [target.reshape(n, p).long() if loss == "ce" else target.reshape(n, c, p).to(acc)
+             for c, target, loss in zip(widths, targets, losses)]
+    row_masks = [None if m is None else m.reshape(n, p) for m in masks]
+    # "mean" averages over elements: n_t counts each valid row C_k times
+    per_row = [c if loss != "ce" and reduction == "mean" else 1 for c, loss, reduction in zip(widths, losses, reductions)]
+    col_offsets = [0, *itertools.accumulate(widths)]
     weight = torch.cat([w.detach().to(acc) for w in weights])
     zeros = [torch.zeros(c, dtype=acc, device=device) for c in widths]
     bias = torch.cat([z if b is None else b.detach().to(acc) for z, b in zip(zeros, biases)])
     bias_mask = torch.cat([z if b is None else z + 1 for z, b in zip(zeros, biases)])
     codes = [LOSS_CODES[loss] for loss in losses]
-    return Packed(z3, weight.contiguous(), bias, bias_mask, views, valid, scales, codes, col_offsets)
+    return Packed(z3, weight.contiguous(), bias, bias_mask, views, row_masks, list(ignore_index), per_row, codes, col_offsets)
+
+
+def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], ignore_index: Sequence[int],
+                 losses: Sequence[int], col_offsets: Sequence[int], check: bool = True) -> list[Tensor | None]:
+    """Per task the rows that count (bool, the targets' row shape; ``None`` where all do): the mask, and for ``"ce"``
+    the class indices other than ``ignore_index``. With ``check``, a counted class index outside ``[0, C_k)`` raises
+    ``ValueError`` (reading the indices: a device sync on a GPU)."""
+    valid = []
+    for k, (code, y, m) in enumerate(zip(losses, targets, masks)):
+        if code == LOSS_CODES["ce"]:
+            v = y != ignore_index[k]
+            m = v if m is None else v & m
+            if check:
+                classes = col_offsets[k + 1] - col_offsets[k]
+                bad = m & ((y < 0) | (y >= classes))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
+                        f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
+                    )
+        valid.append(m)
+    return valid
+
+
+def row_scales(valid: Sequence[Tensor | None], per_row: Sequence[int], z3: Tensor, acc: torch.dtype) -> Tensor:
+    """``scales [T] = 1 / max(n_t, 1)`` in ``acc``: ``n_t`` valid rows of ``z3 [B, D, P]`` times ``per_row[t]``."""
+    rows = z3.shape[0] * z3.shape[2]
+    counts = [(torch.tensor(rows, device=z3.device) if v is None else v.sum()) * k for v, k in zip(valid, per_row)]
+    return 1 / torch.stack(counts).clamp_min(1).to(acc)
 
 
 def pack_rows(z3: Tensor, targets: Sequence[Tensor], valid: Sequence[Tensor | None], scales: Tensor,
@@ -341,7 +363,9 @@ class _TorchPenalty(torch.autograd.Function):
 
 
 def _kernels(backend: str):
-    """``(forward, backward)`` of a fused backend, both on ``Packed``'s per-task arguments (as the ``cpp`` ops)."""
+    """``(forward, backward)`` of a fused backend, on ``Packed``'s per-task arguments as the ``cpp`` ops take them:
+    ``forward(z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets) -> (G_W, G_b, scales)``,
+    ``backward(z3, weight, bias, targets, masks, ignore_index, scales, Gt_W, Gt_b, losses, col_offsets) -> dz3``."""
     if backend == "cpp":
         import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
 
@@ -357,12 +381,16 @@ def _kernels(backend: str):
     else:
         raise ValueError(f"no fused kernels for backend {backend!r}")
 
-    # These kernels read the targets packed into rows: packed in each pass, so that only one pass's copy is alive.
-    def forward(z3, weight, bias, targets, valid, scales, losses, col_offsets):
+    # These kernels read the targets packed into rows, with validity and scales found by torch ops: packed in each
+    # pass, so that only one pass's copy is alive (the backward's targets were checked by the forward).
+    def forward(z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets):
+        valid = row_validity(targets, masks, ignore_index, losses, col_offsets)
+        scales = row_scales(valid, per_row, z3, weight.dtype)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
-        return fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+        return *fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets), scales
 
-    def backward(z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets):
+    def backward(z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets):
+        valid = row_validity(targets, masks, ignore_index, losses, col_offsets, check=False)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
         return bwd(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
 
@@ -380,21 +408,21 @@ def _missing_kernels(backend: str) -> str | None:
 
 
 def _fused_forward(
-    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, targets: list[Tensor], valid: list[Tensor | None],
-    scales: Tensor, losses: list[int], col_offsets: list[int], backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pass 1: ``(R [T], G_W, G_b)``."""
-    g_w, g_b = _kernels(backend)[0](z3, weight, bias, targets, valid, scales, losses, col_offsets)
+    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, targets: list[Tensor], masks: list[Tensor | None],
+    ignore_index: list[int], per_row: list[int], losses: list[int], col_offsets: list[int], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1: ``(R [T], G_W, G_b, scales [T])``."""
+    g_w, g_b, scales = _kernels(backend)[0](z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets)
     g_b = g_b * bias_mask
-    return task_penalties(g_w, g_b, col_offsets), g_w, g_b
+    return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales
 
 
 def _fused_features_grad(
-    z3: Tensor, weight: Tensor, bias: Tensor, targets: list[Tensor], valid: list[Tensor | None], scales: Tensor,
-    gt_w: Tensor, gt_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
+    z3: Tensor, weight: Tensor, bias: Tensor, targets: list[Tensor], masks: list[Tensor | None], ignore_index: list[int],
+    scales: Tensor, gt_w: Tensor, gt_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
 ) -> Tensor:
     """Pass 2: ``dz3``."""
-    return _kernels(backend)[1](z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets)
+    return _kernels(backend)[1](z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets)
 
 
 # The op pair torch.compile sees. Eager calls go through _FusedPenalty instead: torch.library's Python dispatch and
@@ -404,28 +432,30 @@ _fused_bwd = torch.library.custom_op("dgr_fast::dgr_penalty_bwd", _fused_feature
 
 
 @_fused_fwd.register_fake
-def _(z3, weight, bias, bias_mask, targets, valid, scales, losses, col_offsets, backend):
-    return weight.new_empty(len(losses)), torch.empty_like(weight), torch.empty_like(bias)
+def _(z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
+    tasks = weight.new_empty(len(losses))
+    return tasks, torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(tasks)
 
 
 @_fused_bwd.register_fake
-def _(z3, weight, bias, targets, valid, scales, gt_w, gt_b, losses, col_offsets, backend):
+def _(z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets, backend):
     return torch.empty_like(z3, memory_format=torch.contiguous_format)
 
 
-def _save(ctx, z3, weight, bias, targets, valid, scales, losses, col_offsets, backend, g_w, g_b) -> None:
-    ctx.save_for_backward(z3, weight, bias, scales, g_w, g_b, *targets, *valid)
-    ctx.meta = (losses, col_offsets, backend)
+def _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, g_w, g_b, scales) -> None:
+    ctx.save_for_backward(z3, weight, bias, scales, g_w, g_b, *targets, *masks)
+    ctx.meta = (losses, col_offsets, ignore_index, backend)
 
 
 def _features_grad(ctx, grad: Tensor, features_grad) -> Tensor:
     """``dz3`` for the incoming ``grad [T]``, by ``features_grad`` (``_fused_bwd`` or ``_fused_features_grad``)."""
     z3, weight, bias, scales, g_w, g_b, *per_task = ctx.saved_tensors
-    losses, col_offsets, backend = ctx.meta
-    targets, valid = per_task[: len(losses)], per_task[len(losses) :]
+    losses, col_offsets, ignore_index, backend = ctx.meta
+    targets, masks = per_task[: len(losses)], per_task[len(losses) :]
     with torch.no_grad():
         scale = row_scale(grad, col_offsets)
-        dz3 = features_grad(z3, weight, bias, targets, valid, scales, scale[:, None] * g_w, scale * g_b, losses, col_offsets, backend)
+        dz3 = features_grad(z3, weight, bias, targets, masks, ignore_index, scales, scale[:, None] * g_w, scale * g_b,
+                            losses, col_offsets, backend)
     if torch.is_grad_enabled() and (grad.requires_grad or z3.requires_grad):
         # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
         # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
@@ -434,31 +464,33 @@ def _features_grad(ctx, grad: Tensor, features_grad) -> Tensor:
 
 
 def _fused_setup_context(ctx, inputs, output):
-    z3, weight, bias, _bias_mask, targets, valid, scales, losses, col_offsets, backend = inputs
-    _save(ctx, z3, weight, bias, targets, valid, scales, losses, col_offsets, backend, *output[1:])
+    z3, weight, bias, _bias_mask, targets, masks, ignore_index, _per_row, losses, col_offsets, backend = inputs
+    _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *output[1:])
     # The gradients must mirror how torch.library flattened the inputs: a list of tensors into its tensors, but a
-    # list that holds a None (`valid` where a task counts every row) as one argument.
-    ctx.valid_flattened = all(v is not None for v in valid)
+    # list that holds a None (a task without a mask) as one argument.
+    ctx.masks_flattened = all(m is not None for m in masks)
 
 
-def _fused_backward(ctx, grad, _grad_g_w, _grad_g_b):
+def _fused_backward(ctx, grad, _grad_g_w, _grad_g_b, _grad_scales):
     tasks = len(ctx.meta[0])
-    valid_grad = [None] * tasks if ctx.valid_flattened else None
-    return _features_grad(ctx, grad, _fused_bwd), None, None, None, [None] * tasks, valid_grad, None, None, None, None
+    masks_grad = [None] * tasks if ctx.masks_flattened else None
+    return (_features_grad(ctx, grad, _fused_bwd), None, None, None, [None] * tasks, masks_grad,
+            None, None, None, None, None)
 
 
 class _FusedPenalty(torch.autograd.Function):
     """The eager path of the fused op pair: the same passes and saved tensors, without torch.library's dispatch."""
 
     @staticmethod
-    def forward(ctx, z3, weight, bias, bias_mask, targets, valid, scales, losses, col_offsets, backend):
-        penalties, g_w, g_b = _fused_forward(z3, weight, bias, bias_mask, targets, valid, scales, losses, col_offsets, backend)
-        _save(ctx, z3, weight, bias, targets, valid, scales, losses, col_offsets, backend, g_w, g_b)
+    def forward(ctx, z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
+        penalties, *saved = _fused_forward(z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses,
+                                           col_offsets, backend)
+        _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *saved)
         return penalties
 
     @staticmethod
     def backward(ctx, grad):
-        return _features_grad(ctx, grad, _fused_features_grad), *([None] * 9)
+        return _features_grad(ctx, grad, _fused_features_grad), *([None] * 10)
 
 
 _ONCE_DIFFERENTIABLE = (
@@ -531,6 +563,8 @@ def dgr_penalty_per_task(
     shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1])
     name = _resolve(features.device, features.dtype, backend, shape)
     if name == "reference":
+        codes = [LOSS_CODES[loss] for loss in losses]
+        row_validity(targets, masks, ignore_index, codes, [0, *itertools.accumulate(w.shape[0] for w in weights)])
         acc = accumulation_dtype(features.dtype)
         return ref.linear_penalties(
             features.to(acc), [w.to(acc) for w in weights], [None if b is None else b.to(acc) for b in biases],
@@ -540,7 +574,7 @@ def dgr_penalty_per_task(
     if name == "torch":
         y, omega, y_offsets = p.rows
         return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
-    args = (p.z3, p.weight, p.bias, p.bias_mask, p.targets, p.valid, p.scales, p.losses, p.col_offsets, name)
+    args = (p.z3, p.weight, p.bias, p.bias_mask, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
     return _fused_fwd(*args)[0] if torch.compiler.is_compiling() else _FusedPenalty.apply(*args)
 
 
