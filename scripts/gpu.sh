@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one command, for a machine that has one (CI never does):
+#   bash scripts/gpu.sh [RESULTS_DIR [ARCHIVE]]     RESULTS_DIR: default benchmarks/out/gpu
+# builds the package with its CUDA extension, runs the test files that have GPU tests (they skip without a GPU and
+# run for real here), and runs every benchmark on the GPU. Each phase writes a log to RESULTS_DIR and prints its
+# tail; the benchmarks write their CSV files and plots to RESULTS_DIR; ARCHIVE (a .tar.gz path), when given,
+# receives the whole folder as one file.
+#
+# It uses the Python that already has torch with CUDA (PYTHON, default python3) and installs nothing but the package
+# itself (no network needed). Each phase has a time limit (seconds, PHASE_LIMITS="env build tests bench"), so that a
+# hang in one still leaves the others' results; the exit status is the first failing phase's. PHASES chooses phases
+# (default: all four, in order). DGR_FAST_CHECK_DEVICE=cpu runs the same steps on a machine without a GPU (the GPU
+# tests skip, the benchmarks run --quick on the CPU): a check of this script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-benchmarks/out/gpu}
+ARCHIVE=${2:-}
+PY=${PYTHON:-python3}
+DEVICE=${DGR_FAST_CHECK_DEVICE:-cuda}
+read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_BENCH <<<"${PHASE_LIMITS:-60 240 180 300}"
+PHASES=${PHASES:-env build tests bench}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
+
+status=0
+phase() {  # phase NAME LIMIT: run the function NAME under the time limit, log it, print the tail and the exit status
+  local name=$1 limit=$2 rc
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  # timeout runs programs, not shell functions: the phase runs in a child bash that has them exported
+  timeout "$limit" bash -c "$name" >"$RESULTS/$name.log" 2>&1
+  rc=$?
+  tail -n 30 "$RESULTS/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+
+env_report() {
+  if [ "$DEVICE" = cuda ]; then nvidia-smi || return; fi
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton: not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+EOF
+}
+
+build() {
+  # --no-build-isolation: against this machine's torch; the CUDA extension is built where torch has CUDA.
+  "$PY" -m pip install --no-deps --no-build-isolation -e . || return
+  "$PY" -c "import dgr_fast; s = dgr_fast.available_backends(); [print(k, v) for k, v in s.items()]"
+  if [ "$DEVICE" = cuda ]; then
+    "$PY" -c "import dgr_fast; s = dgr_fast.available_backends(); bad = [k for k in ('cuda', 'triton') if not s[k].available]; raise SystemExit(f'unavailable here: {bad}' if bad else 0)"
+  fi
+}
+
+tests() {
+  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_dgr_cuda.py tests/test_dgr_triton.py tests/test_dgr_penalty.py \
+    tests/test_adatask.py tests/test_aggregators.py
+}
+
+bench() {
+  if [ "$DEVICE" = cuda ]; then
+    "$PY" -m dgr_fast bench all --device cuda --out "$RESULTS"
+  else
+    "$PY" -m dgr_fast bench all --quick --device cpu --out "$RESULTS"
+  fi
+}
+
+export RESULTS PY DEVICE
+export -f env_report build tests bench
+for name in $PHASES; do
+  case $name in
+    env) phase env_report "$LIMIT_ENV" ;;
+    build) phase build "$LIMIT_BUILD" ;;
+    tests) phase tests "$LIMIT_TESTS" ;;
+    bench) phase bench "$LIMIT_BENCH" ;;
+    *) echo "unknown phase '$name' (PHASES takes env build tests bench)" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$ARCHIVE" ]; then
+  tar -czf "$ARCHIVE" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && echo "== wrote $ARCHIVE"
+fi
+exit "$status"
