@@ -647,8 +647,12 @@ DGR_INLINE Vec<double> vexp(Vec<double> x) {
 // ---------------------------------------------------------------------------------------------------------------
 // The two GEMM shapes every product here reduces to. Both handle any M, N, K exactly (no reads or writes outside
 // the given extents). Register blocks: kAxpyRows x kAxpyVecs vectors; kDotRows x kDotCols dot products.
+// 6 x 2 axpy blocks hold 12 accumulators, 2 vectors of B and a broadcast in 15 of AVX2's 16 registers, and walk a
+// strip of B once per 6 rows of the output. 3 x 4 blocks (the same 12 accumulators) needed 17 registers and walked
+// the strip twice as often: 6 x 2 made both kernels 15-20% faster on dense maps of 64 and 256 channels and 4% on
+// [4096, 2048] rows (A/B in one process, interleaved); at 2048-channel maps the backward is 5% slower.
 
-constexpr int kAxpyRows = 3, kAxpyVecs = 4, kDotRows = 4, kDotCols = 3;
+constexpr int kAxpyRows = 6, kAxpyVecs = 2, kDotRows = 4, kDotCols = 3;
 
 // O[i][j] = (acc ? O[i][j] : bias[i] or 0) + sum_k A[i*am + k*ak] B[k*ldb + j] for i < MR and NV vectors of
 // columns j (NV = 0: a single column).
