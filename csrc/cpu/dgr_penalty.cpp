@@ -232,9 +232,8 @@ DGR_INLINE void copy_block(const S* src, int64_t so, int64_t sk, D* dst, int64_t
   }
 }
 
-// The tile of rows p0 .. p0 + n of image b, as [D][n] (rows == false) or [n][D], in T; *ldz receives its row
-// stride. Read in place where z3 is T with the layout's contiguous dimension, else staged in buf ([D][ld] or
-// [n][ldd]), the copy's inner loop along z3's smaller stride.
+// Whether z3 is T and has the compute layout's contiguous dimension (dz3 likewise): then its tiles are read (written)
+// in place rather than through a per-thread buffer.
 template <typename T>
 bool reads_z_in_place(const Problem<T>& pr) {
   return pr.same && (pr.rows || pr.zp == 1);
@@ -245,6 +244,9 @@ bool writes_dz_in_place(const Problem<T>& pr) {
   return pr.same && (pr.rows ? pr.od == 1 : pr.op == 1);
 }
 
+// The tile of rows p0 .. p0 + n of image b, as [D][n] (rows == false) or [n][D], in T; *ldz receives its row
+// stride. Read in place where reads_z_in_place, else staged in buf ([D][ld] or [n][ldd]), the copy's inner loop
+// along z3's smaller stride.
 template <typename T>
 DGR_INLINE const T* tile_z(const Problem<T>& pr, const void* z, int64_t b, int64_t p0, int64_t n, T* buf, int64_t* ldz) {
   const int64_t offset = b * pr.zb + p0 * pr.zp;
@@ -1039,7 +1041,6 @@ void backward_tiles(const Problem<T>& pr, const void* z, int64_t t0, int64_t t1,
     const int64_t n = tl.n, ldz = tl.ldz;
     const T *zt = tl.z, *rh = ws.rh.data();
     const int64_t offset = tl.b * pr.ob + tl.p0 * pr.op;
-    // In place where dz3 is T and has the compute layout's contiguous dimension; else through the buffer.
     const bool direct = writes_dz_in_place(pr);
     T* dzt = direct ? static_cast<T*>(dz) + offset : ws.dz.data();
     const int64_t ldo = direct ? (pr.rows ? pr.op : pr.od) : (pr.rows ? pr.ldd : pr.ld);

@@ -204,18 +204,21 @@ def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], igno
     ``ValueError`` (reading the indices: a device sync on a GPU)."""
     valid = []
     for k, (code, y, m) in enumerate(zip(losses, targets, masks)):
-        if code == LOSS_CODES["ce"]:
-            v = y != ignore_index[k]
-            m = v if m is None else v & m
-            if check:
-                classes = col_offsets[k + 1] - col_offsets[k]
-                bad = m & ((y < 0) | (y >= classes))
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
-                        f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
-                    )
-        valid.append(m)
+        if code != LOSS_CODES["ce"]:
+            valid.append(m)
+            continue
+        v = y != ignore_index[k]
+        if m is not None:
+            v = v & m
+        if check:
+            classes = col_offsets[k + 1] - col_offsets[k]
+            bad = v & ((y < 0) | (y >= classes))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
+                    f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
+                )
+        valid.append(v)
     return valid
 
 
