@@ -418,8 +418,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const
   pr.bias1 = b.data_ptr<T>();
   pr.A2 = nullptr;
   pr.M1 = C;
-  // Blocks of at least 1024 rows, and at least 16 rows per logit column so that the partials stay small next to z.
-  const int64_t per_block = std::max<int64_t>(1, (std::max<int64_t>(1024, 16 * pr.C) + pr.tile - 1) / pr.tile);
+  // Blocks of 1024 rows, and at least 16 rows per logit column, so that the partials stay small next to z; a smaller
+  // problem is cut into up to 8 blocks, of at least 4 rows per logit column (partials at most a quarter of z), so that
+  // its forward does not run on one thread (1024 rows, C = 16 or 64: 1.8x faster on 2 threads). The blocking depends
+  // on the shape only.
+  const int64_t rows = pr.B * pr.P, large = std::max<int64_t>(1024, 16 * pr.C);
+  const int64_t block_rows = std::max<int64_t>(4 * pr.C, std::min<int64_t>(large, (rows + 7) / 8));
+  const int64_t per_block = std::max<int64_t>(1, (block_rows + pr.tile - 1) / pr.tile);
   const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = C * ldd + C;
   std::vector<T> parts(blocks * slot);
   std::vector<int64_t> tallies(blocks * pr.tasks * kTally);
