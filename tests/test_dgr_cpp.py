@@ -279,6 +279,6 @@ def test_baseline_copy():
     # The kernels are compiled twice (AVX2+FMA, and a baseline for other CPUs); on an AVX2 machine only the first runs
     # unless forced. Run the direct-call tests (every dtype and layout) again on the baseline copy.
     env = dict(os.environ, DGR_FAST_CPU_BASELINE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without or in_place"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without or in_place or class_indices"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
