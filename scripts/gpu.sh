@@ -2,34 +2,40 @@
 # Every check that needs a CUDA GPU, in one command, for a machine that has one (CI never does):
 #   bash scripts/gpu.sh [RESULTS_DIR [ARCHIVE]]     RESULTS_DIR: default benchmarks/out/gpu
 # builds the package with its CUDA extension, runs the test files that have GPU tests (they skip without a GPU and
-# run for real here), and runs every benchmark on the GPU. Each phase writes a log to RESULTS_DIR and prints its
-# tail; the benchmarks write their CSV files and plots to RESULTS_DIR; ARCHIVE (a .tar.gz path), when given,
-# receives the whole folder as one file.
+# run for real here), and runs the three benchmarks on the GPU, the DGR one first and in full, the others with
+# --quick (QUICK lists the benchmarks that run so; default "adatask step"). Each phase writes a log to RESULTS_DIR and
+# prints its tail; the benchmarks write their CSV files and plots to RESULTS_DIR; ARCHIVE (a .tar.gz path), when
+# given, receives the whole folder as one file.
 #
 # It uses the Python that already has torch with CUDA (PYTHON, default python3) and installs nothing but the package
-# itself (no network needed). Each phase has a time limit (seconds, PHASE_LIMITS="env build tests bench"), so that a
-# hang in one still leaves the others' results; the exit status is the first failing phase's. PHASES chooses phases
-# (default: all four, in order). DGR_FAST_CHECK_DEVICE=cpu runs the same steps on a machine without a GPU (the GPU
-# tests skip, the benchmarks run --quick on the CPU): a check of this script itself.
+# itself (no network needed). Each phase has a time limit in seconds (PHASE_LIMITS, in the order of the phases env,
+# build, tests, dgr, adatask, step; default "30 180 120 120 60 60", 9.5 minutes in all), so that a hang or a slow
+# benchmark still leaves the others' results (a benchmark stopped at its limit loses its own table: it prints it at
+# the end); the exit status is the first failing phase's. PHASES chooses phases (default: all six, in order).
+# DGR_FAST_CHECK_DEVICE=cpu runs the same steps on a machine without a GPU (the GPU tests skip, every benchmark runs
+# --quick on the CPU): a check of this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-benchmarks/out/gpu}
 ARCHIVE=${2:-}
 PY=${PYTHON:-python3}
 DEVICE=${DGR_FAST_CHECK_DEVICE:-cuda}
-read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_BENCH <<<"${PHASE_LIMITS:-60 240 180 300}"
-PHASES=${PHASES:-env build tests bench}
+read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_DGR LIMIT_ADATASK LIMIT_STEP <<<"${PHASE_LIMITS:-30 180 120 120 60 60}"
+PHASES=${PHASES:-env build tests dgr adatask step}
+QUICK=${QUICK:-adatask step}
+[ "$DEVICE" = cuda ] || QUICK="dgr adatask step"
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 
 status=0
-phase() {  # phase NAME LIMIT: run the function NAME under the time limit, log it, print the tail and the exit status
+phase() {  # phase NAME LIMIT COMMAND: run COMMAND (a function and its arguments) under the limit, log, print the tail
   local name=$1 limit=$2 rc
+  shift 2
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   # timeout runs programs, not shell functions: the phase runs in a child bash that has them exported
-  timeout "$limit" bash -c "$name" >"$RESULTS/$name.log" 2>&1
+  timeout "$limit" bash -c "$*" >"$RESULTS/$name.log" 2>&1
   rc=$?
   tail -n 30 "$RESULTS/$name.log"
   echo "== $name: exit $rc after $((SECONDS - start))s"
@@ -66,23 +72,23 @@ tests() {
     tests/test_adatask.py tests/test_aggregators.py
 }
 
-bench() {
-  if [ "$DEVICE" = cuda ]; then
-    "$PY" -m dgr_fast bench all --device cuda --out "$RESULTS"
-  else
-    "$PY" -m dgr_fast bench all --quick --device cpu --out "$RESULTS"
-  fi
+bench() {  # bench NAME: benchmarks/bench_NAME.py on DEVICE, --quick where QUICK names it
+  local quick=()
+  case " $QUICK " in *" $1 "*) quick=(--quick) ;; esac
+  "$PY" "benchmarks/bench_$1.py" --device "$DEVICE" --out "$RESULTS" "${quick[@]}"
 }
 
-export RESULTS PY DEVICE
+export RESULTS PY DEVICE QUICK
 export -f env_report build tests bench
 for name in $PHASES; do
   case $name in
-    env) phase env_report "$LIMIT_ENV" ;;
-    build) phase build "$LIMIT_BUILD" ;;
-    tests) phase tests "$LIMIT_TESTS" ;;
-    bench) phase bench "$LIMIT_BENCH" ;;
-    *) echo "unknown phase '$name' (PHASES takes env build tests bench)" >&2; exit 2 ;;
+    env) phase env "$LIMIT_ENV" env_report ;;
+    build) phase build "$LIMIT_BUILD" build ;;
+    tests) phase tests "$LIMIT_TESTS" tests ;;
+    dgr) phase bench-dgr "$LIMIT_DGR" bench dgr ;;
+    adatask) phase bench-adatask "$LIMIT_ADATASK" bench adatask ;;
+    step) phase bench-step "$LIMIT_STEP" bench step ;;
+    *) echo "unknown phase '$name' (PHASES takes env build tests dgr adatask step)" >&2; exit 2 ;;
   esac
 done
 if [ -n "$ARCHIVE" ]; then
