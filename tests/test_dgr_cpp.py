@@ -236,7 +236,7 @@ def test_refuses_bad_arguments():
 def test_class_indices_are_checked_in_the_kernel():
     # The cpp forward checks the class indices of the rows it counts, as it stages them: the error must be the one the
     # torch ops give for the other backends, naming the task and its first bad index in row order, also when bad
-    # indices lie in several forward blocks (1024+ rows each) and in several tasks.
+    # indices lie in several forward blocks (3000 rows make 8 of them) and in several tasks.
     case = make_case((3000, 8), classes=(5, 3), losses=("ce", "ce"), seed=14)
     first, second = case["targets"][0].clone(), case["targets"][1].clone()
     first[[2100, 2900]], second[[700, 1500]] = torch.tensor([5, -7]), torch.tensor([9, 3])
