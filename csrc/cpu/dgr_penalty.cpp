@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -62,6 +63,28 @@ enum Loss : int64_t { kCe = 0, kBce = 1, kMse = 2, kL1 = 3 };
 // thrashes it (measured on W = [C, 2048]: 2.5 times slower). z and dz are read and written in place all the same:
 // staging every tile through such a buffer cost as much as it saved.
 constexpr int64_t kRowAlign = 32, kRowPad = 64;
+// Buffers start on a cache line, so that their rows (whole vectors apart) do too: an unaligned 32-byte load splits
+// across two lines half of the time.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
+
 // Tiles of up to 64 KiB of z: the dense forward's dot products over the tile's pixels get long enough, and the tile
 // stays in L2 (measured at D = 64: 32 and 128 KiB are slower). Dense tiles ([D][n]) keep at least 128 pixels even
 // where that is more (1 MiB at D = 2048): below that the horizontal sums of those dot products cost as much as the
@@ -216,6 +239,14 @@ void with_storage(at::ScalarType dtype, const F& f) {
       default: f(float{}); break;
     }
   }
+}
+
+// Elements per forward block partial (G_W [C][ldd], then G_b [C]), whole cache lines so that every partial starts on
+// one.
+template <typename T>
+int64_t partial_slot(const Problem<T>& pr) {
+  const int64_t line = 64 / int64_t(sizeof(T));
+  return (pr.C * pr.ldd + pr.C + line - 1) / line * line;
 }
 
 // Copies an outer x inner block, src[o * so + k * sk] to dst[o * dout + k * dk], converting.
@@ -411,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const
                                                             const at::Tensor& bias, at::IntArrayRef per_row) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
-  std::vector<T> A1(C * ldd);
+  Buffer<T> A1(C * ldd);
   const T* W = weight.data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) std::copy(W + c * D, W + (c + 1) * D, A1.data() + c * ldd);
   pr.A1 = A1.data();
@@ -425,8 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const
   const int64_t rows = pr.B * pr.P, large = std::max<int64_t>(1024, 16 * pr.C);
   const int64_t block_rows = std::max<int64_t>(4 * pr.C, std::min<int64_t>(large, (rows + 7) / 8));
   const int64_t per_block = std::max<int64_t>(1, (block_rows + pr.tile - 1) / pr.tile);
-  const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = C * ldd + C;
-  std::vector<T> parts(blocks * slot);
+  const int64_t blocks = (pr.tiles + per_block - 1) / per_block, slot = partial_slot(pr);
+  Buffer<T> parts(blocks * slot);
   std::vector<int64_t> tallies(blocks * pr.tasks * kTally);
   const void* z = z3.data_ptr();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -473,7 +504,7 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
   const at::Tensor b = bias.contiguous(), gw = gt_w.contiguous(), gb = gt_b.contiguous();
   const T *W = weight.data_ptr<T>(), *bp = b.data_ptr<T>(), *GW = gw.data_ptr<T>(), *GB = gb.data_ptr<T>();
-  std::vector<T> A1(pr.M1 * ldd), bias1(pr.M1), A2(pr.M1 * ldd);
+  Buffer<T> A1(pr.M1 * ldd), bias1(pr.M1), A2(pr.M1 * ldd);
   for (int64_t c = 0; c < C; ++c) {
     bias1[c] = bp[c];
     for (int64_t d = 0; d < D; ++d) {
@@ -867,10 +898,10 @@ DGR_INLINE void l1_columns(T* s, int64_t ld, int64_t nc, const T* y, const T* om
 // (1.2 MiB at D = 2048), and a vector's zero-filling would touch all of it.
 template <typename T>
 struct Workspace {
-  std::vector<T> z;   // the tile of z, where it cannot be read in place
-  std::vector<T> rh;  // [M1][ld]: s then r; (backward) u then H u below
-  std::vector<T> yo;  // [Cy + tasks][ld]: the tile's targets and omega
-  std::vector<T> dz;  // (backward) the tile of dz, where it cannot be written in place
+  Buffer<T> z;   // the tile of z, where it cannot be read in place
+  Buffer<T> rh;  // [M1][ld]: s then r; (backward) u then H u below
+  Buffer<T> yo;  // [Cy + tasks][ld]: the tile's targets and omega
+  Buffer<T> dz;  // (backward) the tile of dz, where it cannot be written in place
 
   Workspace(const Problem<T>& pr, bool forward)
       : z(reads_z_in_place(pr) ? 0 : tile_size(pr)),
@@ -1009,7 +1040,7 @@ void forward_blocks(const Problem<T>& pr, const void* z, int64_t per_block, int6
   Workspace<T> ws(pr, true);
   const int64_t C = pr.C, D = pr.D, L = kLanes<T>;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
-    T* G = parts + blk * (C * pr.ldd + C);
+    T* G = parts + blk * partial_slot(pr);
     T* Gb = G + C * pr.ldd;
     std::fill(G, Gb + C, T(0));
     int64_t* tally = tallies + blk * pr.tasks * kTally;
