@@ -105,24 +105,27 @@ def _packed(case, dtype=None):
 
 
 def _direct(p, gt_seed=0):
-    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows. The
-    scales the forward finds must be those of the torch ops (``Packed.validity``), bit for bit."""
+    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows:
+    ``(R, G_W, G_b, dz)`` of each. The scales the forward finds must be those of the torch ops (``Packed.validity``),
+    bit for bit. The backward is given random G and per-task grad, so that every entry of both matters."""
     meta = (p.losses, p.col_offsets)
-    g_w, g_b, scales = FWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, p.per_row, *meta)
+    penalties, g_w, g_b, scales = FWD(p.z3, p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, *meta)
     assert torch.equal(scales, p.validity[1])
     gen = torch.Generator().manual_seed(gt_seed)
-    gt_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
-    gt_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
+    rand_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
+    rand_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
+    grad = torch.randn(len(p.losses), generator=gen, dtype=p.weight.dtype)
     # A freed NaN buffer of dz's size is what the allocator is likely to hand out next: unwritten entries show.
     poison = torch.full(p.z3.shape, float("nan"), dtype=p.z3.dtype)
     del poison
-    dz = BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, gt_w, gt_b, *meta)
+    dz = BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta)
     z = p.z3.to(p.weight.dtype)
-    ones = torch.ones_like(p.bias)
     y, omega, y_offsets = p.rows
-    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, ones, y, omega, p.losses, p.col_offsets, y_offsets)
-    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, y, omega, gt_w, gt_b, p.losses, p.col_offsets, y_offsets)
-    return (g_w, g_b, dz), (ref_w, ref_b, ref_dz)
+    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
+    scale = dp.row_scale(grad, p.col_offsets)
+    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, y, omega, scale[:, None] * rand_w, scale * rand_b, p.losses,
+                                     p.col_offsets, y_offsets)
+    return (penalties, g_w, g_b, dz), (dp.task_penalties(ref_w, ref_b, p.col_offsets), ref_w, ref_b, ref_dz)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -140,13 +143,14 @@ def test_direct_call_writes_everything(shape, layout, dtype):
     # (pixels contiguous, channels contiguous, gathered, converted from fp16/bf16).
     case = make_case(shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32, layout=layout, seed=8)
     p = _packed(case, dtype)
-    (g_w, g_b, dz), (ref_w, ref_b, ref_dz) = _direct(p)
+    (penalties, g_w, g_b, dz), (ref_penalties, ref_w, ref_b, ref_dz) = _direct(p)
     assert dz.dtype == dtype and dz.shape == p.z3.shape and dz.is_contiguous()
-    assert g_w.dtype == g_b.dtype == p.weight.dtype
+    assert penalties.dtype == g_w.dtype == g_b.dtype == p.weight.dtype
     tol = TOL.get(dtype, dict(rtol=1e-2, atol=0.0))
     acc_tol = TOL[p.weight.dtype]
     _assert_close(g_w, ref_w, **acc_tol)
     _assert_close(g_b, ref_b, **acc_tol)
+    _assert_close(penalties, ref_penalties, **acc_tol)
     assert not dz.isnan().any()
     _assert_close(dz.to(ref_dz.dtype), ref_dz, **tol)
 
@@ -159,7 +163,7 @@ def test_rows_without_any_valid_task_get_exact_zeros():
     case["masks"] = [~dead] * 4
     case["targets"][0] = torch.where(dead, -1, case["targets"][0])
     p = _packed(case)
-    (_, _, dz), (_, _, ref_dz) = _direct(p)
+    (*_, dz), (*_, ref_dz) = _direct(p)
     assert torch.equal(dz.reshape(3, 6, 4, 9).permute(0, 2, 3, 1)[dead], torch.zeros(int(dead.sum()), 6))
     _assert_close(dz, ref_dz, **TOL[torch.float32])
 
@@ -185,13 +189,13 @@ def test_independent_of_thread_count(shape, layout):
 def test_refuses_bad_arguments():
     p = _packed(make_case((5, 4), dtype=torch.float32, seed=11))
     meta = (p.losses, p.col_offsets)
-    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, targets=p.targets, masks=p.masks, ignore_index=p.ignore_index,
-                per_row=p.per_row)
+    good = dict(z3=p.z3, weight=p.weight, bias=p.bias, has_bias=p.has_bias, targets=p.targets, masks=p.masks,
+                ignore_index=p.ignore_index, per_row=p.per_row)
 
     def fwd(**override):
         a = {**good, **override}
-        return FWD(a["z3"], a["weight"], a["bias"], a["targets"], a["masks"], a["ignore_index"], a["per_row"],
-                   *override.pop("meta", meta))
+        return FWD(a["z3"], a["weight"], a["bias"], a["has_bias"], a["targets"], a["masks"], a["ignore_index"],
+                   a["per_row"], *override.pop("meta", meta))
 
     def task(t, value, items):
         return [value if k == t else x for k, x in enumerate(items)]
@@ -213,7 +217,8 @@ def test_refuses_bad_arguments():
         (dict(ignore_index=p.ignore_index[:-1]), "targets, masks and ignore_index"),
         (dict(masks=task(masked, p.masks[masked].float(), p.masks)), rf"masks\[{masked}\] must be Bool"),
         (dict(masks=task(masked, p.masks[masked][:2], p.masks)), rf"masks\[{masked}\] must have shape"),
-        (dict(per_row=p.per_row[:2]), "per_row needs 4 entries"),
+        (dict(per_row=p.per_row[:2]), "per_row and has_bias need 4 entries each"),
+        (dict(has_bias=p.has_bias[:3]), "per_row and has_bias need 4 entries each"),
         (dict(per_row=[0] * 4), "per_row entries must be >= 1"),
         (dict(meta=([0, 1, 2, 9], meta[1])), "not a loss code"),
         (dict(meta=(meta[0], meta[1][:-1])), "col_offsets needs"),
@@ -222,13 +227,14 @@ def test_refuses_bad_arguments():
     for override, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fwd(**override)
-    g_w, g_b, scales = fwd()
+    penalties, g_w, g_b, scales = fwd()
 
-    def bwd(scales=scales, gt_w=g_w):
-        return BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, gt_w, g_b, *meta)
+    def bwd(scales=scales, grad=torch.ones_like(penalties), g_w=g_w):
+        return BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, g_w, g_b, *meta)
 
-    for override, message in [(dict(gt_w=g_w[:2]), "gt_w must have shape"), (dict(scales=scales[:2]), "scales must have shape"),
-                              (dict(scales=scales.double()), "scales must be Float")]:
+    for override, message in [(dict(g_w=g_w[:2]), "g_w must have shape"), (dict(scales=scales[:2]), "scales must have shape"),
+                              (dict(scales=scales.double()), "scales must be Float"), (dict(grad=penalties[:2]), "grad must have shape"),
+                              (dict(grad=penalties.double()), "grad must be Float")]:
         with pytest.raises(RuntimeError, match=message):
             bwd(**override)
 

@@ -472,6 +472,14 @@ def _gpu_skip_reason() -> str | None:
 
 requires_gpu = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
 
+
+def _raw_ops():
+    """The extension's op pair itself, on rows packed by torch ops (``_op_args``); ``dp._kernels("cuda")`` wraps it in
+    the per-task contract of the cpp ops."""
+    import dgr_fast._C_cuda  # noqa: F401  (registers torch.ops.dgr_fast_cuda)
+
+    return torch.ops.dgr_fast_cuda.dgr_penalty_fwd, torch.ops.dgr_fast_cuda.dgr_penalty_bwd
+
 CASES = [
     ((37, 29), "contiguous", None),
     ((37, 29), "transposed", 1),
@@ -545,7 +553,7 @@ def test_direct_ops_write_every_element(shape, layout, classes, dtype):
     p = _packed(case)
     rows = p.rows.omega.shape[0]
     p.rows.omega[torch.arange(0, rows, 5, device="cuda")] = 0  # rows no task counts: their dz must be exactly 0
-    fwd, bwd = dp._kernels("cuda")
+    fwd, bwd = _raw_ops()
     C, D = p.weight.shape
     g = torch.Generator(device="cuda").manual_seed(3)
     gt_w, gt_b = torch.randn(C, D, device="cuda", generator=g), torch.randn(C, device="cuda", generator=g)
@@ -568,7 +576,7 @@ def test_direct_ops_write_every_element(shape, layout, classes, dtype):
 
 @requires_gpu
 def test_limits_are_refused_with_a_reason():
-    fwd, bwd = dp._kernels("cuda")
+    fwd, bwd = _raw_ops()
     too_many_tasks = _packed(make_case((9, 4), classes=(1,) * 33, losses=("mse",) * 33, masked=()))
     with pytest.raises(RuntimeError, match="number of tasks"):
         fwd(*_op_args(too_many_tasks))
@@ -589,7 +597,7 @@ def test_limits_are_refused_with_a_reason():
 )
 def test_run_to_run_bitwise_deterministic(shape, layout):
     p = _packed(make_case(shape, layout=layout, classes=(13, 1, 3), losses=("ce", "l1", "l1"), masked=(1, 2)))
-    fwd, bwd = dp._kernels("cuda")
+    fwd, bwd = _raw_ops()
     first = fwd(*_op_args(p))
     gt_w, gt_b = 3 * first[0], 3 * first[1]
     dz_first = bwd(*_bwd_args(p, gt_w, gt_b))

@@ -1,8 +1,8 @@
 // The `cpp` backend of dgr_fast.dgr_penalty: the two passes of DESIGN.md section 4 on CPU tensors.
 //
 // Matches the `torch` backend of dgr_fast/ops/dgr_penalty.py, which reads the same problem packed into rows:
-//   dgr_penalty_fwd == `_torch_gradients` before its bias mask: (G_W, G_b) = sum over rows of (r z^T, r);
-//   dgr_penalty_bwd == `_torch_features_grad`: dz = [2 Gt_W; W]^T [r; H u], with s and r recomputed;
+//   dgr_penalty_fwd == `_torch_gradients`: (G_W, G_b) = sum over rows of (r z^T, r), and `task_penalties` of them;
+//   dgr_penalty_bwd == `row_scale` then `_torch_features_grad`: dz = [2 Gt_W; W]^T [r; H u], s and r recomputed;
 //   the per-loss functions below (`ce_columns` ...) are `_residual_rows`: r without u, and H u with it, one function
 //   per loss for both passes.
 // The same sums in a different order: rows are cut into tiles (up to 256 pixels of one image, or up to 64 rows);
@@ -435,11 +435,14 @@ Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10:
   return pr;
 }
 
-// Returns (G_W, G_b, scales): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t] (its
-// columns for an elementwise mean), and task t's rows of G scaled by it.
+// Returns (R, G_W, G_b, scales): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t] (its
+// columns for an elementwise mean), task t's rows of G scaled by it, G_b zero for a task without a bias, and
+// R[t] = ||G_W[t]||^2 + ||G_b[t]||^2 (`task_penalties`).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight,
-                                                            const at::Tensor& bias, at::IntArrayRef per_row) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3,
+                                                                        const at::Tensor& weight, const at::Tensor& bias,
+                                                                        const c10::List<bool>& has_bias,
+                                                                        at::IntArrayRef per_row) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
   Buffer<T> A1(C * ldd);
@@ -477,10 +480,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const
     }
     sc[t] = T(1) / T(std::max<int64_t>(valid_rows * per_row[t], 1));
   }
-  std::vector<T> column_scale(C);
-  for (int64_t t = 0; t < pr.tasks; ++t) std::fill(column_scale.begin() + pr.c0[t], column_scale.begin() + pr.c0[t + 1], sc[t]);
+  // Per column: its task's scale, and for G_b 0 where the task has no bias (its G_b does not count in R).
+  std::vector<T> column_scale(C), bias_scale(C);
+  for (int64_t t = 0; t < pr.tasks; ++t)
+    for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) {
+      column_scale[c] = sc[t];
+      bias_scale[c] = has_bias.get(t) ? sc[t] : T(0);
+    }
   at::Tensor g_w = at::zeros({C, D}, weight.options()), g_b = at::zeros({C}, weight.options());
   T *gw = g_w.data_ptr<T>(), *gb = g_b.data_ptr<T>();
+  std::vector<T> row_norms(C);  // ||G_W[c]||^2
   // Row c < C of G_W, or G_b for c == C, summed over the blocks in block order, then scaled.
   at::parallel_for(0, C + 1, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -490,36 +499,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const
         const T* part = parts.data() + k * slot + from;
         for (int64_t e = 0; e < len; ++e) out[e] += part[e];
       }
-      for (int64_t e = 0; e < len; ++e) out[e] *= c < C ? column_scale[c] : column_scale[e];
+      T norm = 0;
+      for (int64_t e = 0; e < len; ++e) {
+        out[e] *= c < C ? column_scale[c] : bias_scale[e];
+        norm += out[e] * out[e];
+      }
+      if (c < C) row_norms[c] = norm;
     }
   });
-  return {g_w, g_b, scales};
+  at::Tensor penalties = at::zeros({pr.tasks}, weight.options());
+  T* R = penalties.data_ptr<T>();
+  for (int64_t t = 0; t < pr.tasks; ++t)
+    for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) R[t] += row_norms[c] + gb[c] * gb[c];
+  return {penalties, g_w, g_b, scales};
 }
 
+// grad: dR_t per task; Gt = grad_t G, G's rows scaled by their task's grad (`row_scale`), G = the forward's (G_W, G_b).
 template <typename T>
 at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
-                         const at::Tensor& gt_w, const at::Tensor& gt_b) {
+                         const at::Tensor& grad, const at::Tensor& g_w, const at::Tensor& g_b) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   pr.M1 = C + pr.Ch;
   // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
-  const at::Tensor b = bias.contiguous(), gw = gt_w.contiguous(), gb = gt_b.contiguous();
+  const at::Tensor b = bias.contiguous(), gw = g_w.contiguous(), gb = g_b.contiguous();
   const T *W = weight.data_ptr<T>(), *bp = b.data_ptr<T>(), *GW = gw.data_ptr<T>(), *GB = gb.data_ptr<T>();
+  const auto dR = grad.accessor<T, 1>();
   Buffer<T> A1(pr.M1 * ldd), bias1(pr.M1), A2(pr.M1 * ldd);
-  for (int64_t c = 0; c < C; ++c) {
-    bias1[c] = bp[c];
-    for (int64_t d = 0; d < D; ++d) {
-      A1[c * ldd + d] = W[c * D + d];
-      A2[c * ldd + d] = T(2) * GW[c * D + d];
-    }
-  }
   for (int64_t t = 0; t < pr.tasks; ++t) {
-    if (pr.h0[t] < 0) continue;
+    const T twice = T(2) * dR[t];
     for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) {
-      const int64_t h = C + pr.h0[t] + (c - pr.c0[t]);
-      bias1[h] = T(2) * GB[c];
+      const int64_t h = pr.h0[t] < 0 ? -1 : C + pr.h0[t] + (c - pr.c0[t]);
+      bias1[c] = bp[c];
+      if (h >= 0) bias1[h] = twice * GB[c];
       for (int64_t d = 0; d < D; ++d) {
-        A1[h * ldd + d] = T(2) * GW[c * D + d];
-        A2[h * ldd + d] = W[c * D + d];
+        A1[c * ldd + d] = W[c * D + d];
+        A2[c * ldd + d] = twice * GW[c * D + d];
+        if (h >= 0) {
+          A1[h * ldd + d] = twice * GW[c * D + d];
+          A2[h * ldd + d] = W[c * D + d];
+        }
       }
     }
   }
@@ -533,34 +551,35 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   return dz3;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dgr_penalty_fwd(
-    const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
-    const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index, at::IntArrayRef per_row,
-    at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgr_penalty_fwd(
+    const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const c10::List<bool>& has_bias,
+    at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
+    at::IntArrayRef per_row, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
-  TORCH_CHECK(per_row.size() == losses.size(), "dgr_penalty (cpp): per_row needs ", losses.size(), " entries, got ",
-              per_row.size());
+  TORCH_CHECK(per_row.size() == losses.size() && has_bias.size() == losses.size(), "dgr_penalty (cpp): per_row and ",
+              "has_bias need ", losses.size(), " entries each, got ", per_row.size(), " and ", has_bias.size());
   for (const int64_t k : per_row) TORCH_CHECK(k >= 1, "dgr_penalty (cpp): per_row entries must be >= 1, got ", k);
   if (z3.scalar_type() == at::kDouble)
     return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
-                        bias, per_row);
+                        bias, has_bias, per_row);
   return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
-                      bias, per_row);
+                      bias, has_bias, per_row);
 }
 
 at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
                            const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
-                           const at::Tensor& scales, const at::Tensor& gt_w, const at::Tensor& gt_b,
-                           at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+                           const at::Tensor& scales, const at::Tensor& grad, const at::Tensor& g_w,
+                           const at::Tensor& g_b, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   const auto acc = check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
   check_tensor(scales, "scales", acc, {int64_t(losses.size())}, true);
-  check_tensor(gt_w, "gt_w", acc, weight.sizes(), false);
-  check_tensor(gt_b, "gt_b", acc, bias.sizes(), false);
+  check_tensor(grad, "grad", acc, {int64_t(losses.size())}, false);
+  check_tensor(g_w, "g_w", acc, weight.sizes(), false);
+  check_tensor(g_b, "g_b", acc, bias.sizes(), false);
   if (z3.scalar_type() == at::kDouble)
     return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3,
-                         weight, bias, gt_w, gt_b);
+                         weight, bias, grad, g_w, g_b);
   return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3, weight,
-                       bias, gt_w, gt_b);
+                       bias, grad, g_w, g_b);
 }
 
 }  // namespace
@@ -568,11 +587,11 @@ at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const
 
 TORCH_LIBRARY_FRAGMENT(dgr_fast_cpu, m) {
   m.def(
-      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] masks, int[] ignore_index, "
-      "int[] per_row, int[] losses, int[] col_offsets) -> (Tensor, Tensor, Tensor)");
+      "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, bool[] has_bias, Tensor[] targets, Tensor?[] masks, "
+      "int[] ignore_index, int[] per_row, int[] losses, int[] col_offsets) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] masks, int[] ignore_index, "
-      "Tensor scales, Tensor gt_w, Tensor gt_b, int[] losses, int[] col_offsets) -> Tensor");
+      "Tensor scales, Tensor grad, Tensor g_w, Tensor g_b, int[] losses, int[] col_offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dgr_fast_cpu, CPU, m) {

@@ -17,9 +17,10 @@ views, the mask as a ``[B, P]`` bool view (or ``None``), ``ignore_index`` and ``
 elementwise ``"mean"``, else 1). A row is valid for a task where its mask holds and, for ``"ce"``, its class index is
 not ``ignore_index``; ``n_t`` is the number of valid rows times ``per_row[t]``, ``scales [T] = 1 / n_t`` and
 ``omega_it = valid_it * scales[t]``. The ``cpp`` kernels read targets and masks in place and find validity, ``n_t``
-and bad class indices in their forward pass. The ``torch``, ``triton`` and ``cuda`` code finds them with torch ops
-(``row_validity``, ``Packed.validity``) and reads the problem packed into rows (``pack_rows``, ``R = B * P`` rows in
-``(b, p)`` order):
+and bad class indices in their forward pass; they also sum ``R_t`` and scale ``G``'s rows by ``dR_t`` themselves
+(``task_penalties``, ``row_scale``: a dozen small torch ops fewer per call). The ``torch``, ``triton`` and ``cuda``
+code finds validity with torch ops (``row_validity``, ``Packed.validity``) and reads the problem packed into rows
+(``pack_rows``, ``R = B * P`` rows in ``(b, p)`` order):
 
 - ``y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
   ``C_k`` columns (the targets).
@@ -68,14 +69,19 @@ class Packed:
 
     z3: Tensor  # [B, D, P], the features' dtype
     weight: Tensor  # [C, D], accumulation dtype
-    bias: Tensor  # [C]
-    bias_mask: Tensor  # [C], 1 where the task's head has a bias (its gradient counts in R), else 0
+    bias: Tensor  # [C], 0 in the columns of a task without a bias
+    has_bias: list[bool]  # per task: its head has a bias (its gradient counts in R)
     targets: list[Tensor]  # per task: "ce" int64 [B, P], else acc [B, C_k, P]; views of the caller's targets
     masks: list[Tensor | None]  # per task bool [B, P] views, None where no mask was given
     ignore_index: list[int]  # per task (read for "ce" only)
     per_row: list[int]  # per task: C_k for an elementwise "mean", else 1
     losses: list[int]
     col_offsets: list[int]
+
+    @cached_property
+    def bias_mask(self) -> Tensor:
+        """``[C]``: 1 in the columns of a task with a bias, else 0."""
+        return column_mask(self.has_bias, self.col_offsets, self.bias)
 
     @cached_property
     def validity(self) -> tuple[list[Tensor | None], Tensor]:
@@ -189,12 +195,25 @@ def pack(features, weights, biases, targets, losses, masks, ignore_index, reduct
     # "mean" averages over elements: n_t counts each valid row C_k times
     per_row = [c if loss != "ce" and reduction == "mean" else 1 for c, loss, reduction in zip(widths, losses, reductions)]
     col_offsets = [0, *itertools.accumulate(widths)]
-    weight = torch.cat([w.detach().to(acc) for w in weights])
-    zeros = [torch.zeros(c, dtype=acc, device=device) for c in widths]
-    bias = torch.cat([z if b is None else b.detach().to(acc) for z, b in zip(zeros, biases)])
-    bias_mask = torch.cat([z if b is None else z + 1 for z, b in zip(zeros, biases)])
+    weight = torch.cat([w.detach() for w in weights]).to(acc)
+    has_bias = [b is not None for b in biases]
+    if all(has_bias):
+        bias = torch.cat([b.detach() for b in biases]).to(acc)
+    elif any(has_bias):
+        bias = torch.cat([torch.zeros(c, dtype=acc, device=device) if b is None else b.detach().to(acc) for c, b in zip(widths, biases)])
+    else:
+        bias = torch.zeros(col_offsets[-1], dtype=acc, device=device)
     codes = [LOSS_CODES[loss] for loss in losses]
-    return Packed(z3, weight.contiguous(), bias, bias_mask, views, row_masks, list(ignore_index), per_row, codes, col_offsets)
+    return Packed(z3, weight.contiguous(), bias, has_bias, views, row_masks, list(ignore_index), per_row, codes, col_offsets)
+
+
+def column_mask(per_task: Sequence[bool], col_offsets: Sequence[int], like: Tensor) -> Tensor:
+    """``[C]`` in ``like``'s dtype and device: 1 in the columns of the tasks where ``per_task`` holds, else 0."""
+    mask = torch.zeros(col_offsets[-1], dtype=like.dtype, device=like.device)
+    for t, flag in enumerate(per_task):
+        if flag:
+            mask[col_offsets[t] : col_offsets[t + 1]] = 1
+    return mask
 
 
 def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], ignore_index: Sequence[int],
@@ -367,8 +386,10 @@ class _TorchPenalty(torch.autograd.Function):
 
 def _kernels(backend: str):
     """``(forward, backward)`` of a fused backend, on ``Packed``'s per-task arguments as the ``cpp`` ops take them:
-    ``forward(z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets) -> (G_W, G_b, scales)``,
-    ``backward(z3, weight, bias, targets, masks, ignore_index, scales, Gt_W, Gt_b, losses, col_offsets) -> dz3``."""
+    ``forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets)
+    -> (R [T], G_W, G_b, scales)`` (``G_b`` zero for a task without a bias) and
+    ``backward(z3, weight, bias, targets, masks, ignore_index, scales, grad [T], G_W, G_b, losses, col_offsets) -> dz3``
+    (``Gt = grad_t G`` per task, as ``row_scale``)."""
     if backend == "cpp":
         import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
 
@@ -385,17 +406,22 @@ def _kernels(backend: str):
         raise ValueError(f"no fused kernels for backend {backend!r}")
 
     # These kernels read the targets packed into rows, with validity and scales found by torch ops: packed in each
-    # pass, so that only one pass's copy is alive (the backward's targets were checked by the forward).
-    def forward(z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets):
+    # pass, so that only one pass's copy is alive (the backward's targets were checked by the forward). The per-task
+    # sums and scalings the cpp ops do inside are torch ops here.
+    def forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets)
         scales = row_scales(valid, per_row, z3, weight.dtype)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
-        return *fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets), scales
+        g_w, g_b = fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+        if not all(has_bias):
+            g_b = g_b * column_mask(has_bias, col_offsets, g_b)
+        return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales
 
-    def backward(z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets):
+    def backward(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets, check=False)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
-        return bwd(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
+        scale = row_scale(grad, col_offsets)
+        return bwd(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets)
 
     return forward, backward
 
@@ -411,21 +437,19 @@ def _missing_kernels(backend: str) -> str | None:
 
 
 def _fused_forward(
-    z3: Tensor, weight: Tensor, bias: Tensor, bias_mask: Tensor, targets: list[Tensor], masks: list[Tensor | None],
+    z3: Tensor, weight: Tensor, bias: Tensor, has_bias: list[bool], targets: list[Tensor], masks: list[Tensor | None],
     ignore_index: list[int], per_row: list[int], losses: list[int], col_offsets: list[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1: ``(R [T], G_W, G_b, scales [T])``."""
-    g_w, g_b, scales = _kernels(backend)[0](z3, weight, bias, targets, masks, ignore_index, per_row, losses, col_offsets)
-    g_b = g_b * bias_mask
-    return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales
+    return _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets)
 
 
 def _fused_features_grad(
     z3: Tensor, weight: Tensor, bias: Tensor, targets: list[Tensor], masks: list[Tensor | None], ignore_index: list[int],
-    scales: Tensor, gt_w: Tensor, gt_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
+    scales: Tensor, grad: Tensor, g_w: Tensor, g_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
 ) -> Tensor:
-    """Pass 2: ``dz3``."""
-    return _kernels(backend)[1](z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets)
+    """Pass 2: ``dz3`` for the incoming ``grad [T]``."""
+    return _kernels(backend)[1](z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets)
 
 
 # The op pair torch.compile sees. Eager calls go through _FusedPenalty instead: torch.library's Python dispatch and
@@ -435,13 +459,13 @@ _fused_bwd = torch.library.custom_op("dgr_fast::dgr_penalty_bwd", _fused_feature
 
 
 @_fused_fwd.register_fake
-def _(z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
+def _(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
     tasks = weight.new_empty(len(losses))
     return tasks, torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(tasks)
 
 
 @_fused_bwd.register_fake
-def _(z3, weight, bias, targets, masks, ignore_index, scales, gt_w, gt_b, losses, col_offsets, backend):
+def _(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets, backend):
     return torch.empty_like(z3, memory_format=torch.contiguous_format)
 
 
@@ -456,9 +480,8 @@ def _features_grad(ctx, grad: Tensor, features_grad) -> Tensor:
     losses, col_offsets, ignore_index, backend = ctx.meta
     targets, masks = per_task[: len(losses)], per_task[len(losses) :]
     with torch.no_grad():
-        scale = row_scale(grad, col_offsets)
-        dz3 = features_grad(z3, weight, bias, targets, masks, ignore_index, scales, scale[:, None] * g_w, scale * g_b,
-                            losses, col_offsets, backend)
+        dz3 = features_grad(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets,
+                            backend)
     if torch.is_grad_enabled() and (grad.requires_grad or z3.requires_grad):
         # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
         # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
@@ -467,7 +490,7 @@ def _features_grad(ctx, grad: Tensor, features_grad) -> Tensor:
 
 
 def _fused_setup_context(ctx, inputs, output):
-    z3, weight, bias, _bias_mask, targets, masks, ignore_index, _per_row, losses, col_offsets, backend = inputs
+    z3, weight, bias, _has_bias, targets, masks, ignore_index, _per_row, losses, col_offsets, backend = inputs
     _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *output[1:])
     # The gradients must mirror how torch.library flattened the inputs: a list of tensors into its tensors, but a
     # list that holds a None (a task without a mask) as one argument.
@@ -485,8 +508,8 @@ class _FusedPenalty(torch.autograd.Function):
     """The eager path of the fused op pair: the same passes and saved tensors, without torch.library's dispatch."""
 
     @staticmethod
-    def forward(ctx, z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
-        penalties, *saved = _fused_forward(z3, weight, bias, bias_mask, targets, masks, ignore_index, per_row, losses,
+    def forward(ctx, z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
+        penalties, *saved = _fused_forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses,
                                            col_offsets, backend)
         _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *saved)
         return penalties
@@ -577,7 +600,7 @@ def dgr_penalty_per_task(
     if name == "torch":
         y, omega, y_offsets = p.rows
         return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
-    args = (p.z3, p.weight, p.bias, p.bias_mask, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
+    args = (p.z3, p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
     return _fused_fwd(*args)[0] if torch.compiler.is_compiling() else _FusedPenalty.apply(*args)
 
 
