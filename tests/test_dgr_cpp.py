@@ -17,6 +17,7 @@ from dgr_fast.ops import dgr_penalty as dp
 try:
     importlib.import_module("dgr_fast._C")
     FWD, BWD = torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
+    BWD_STASHED = torch.ops.dgr_fast_cpu.dgr_penalty_bwd_stashed
 except (ImportError, AttributeError, RuntimeError) as exc:  # not built, built against another torch, or without the ops
     pytest.skip(f"the C++ extension dgr_fast._C with the dgr_penalty ops is not available: {exc}", allow_module_level=True)
 
@@ -104,21 +105,38 @@ def _packed(case, dtype=None):
     return dp.pack(features, case["weights"], case["biases"], case["targets"], case["losses"], case["masks"], [case["ignore_index"]] * len(case["weights"]), REDUCTIONS)
 
 
-def _direct(p, gt_seed=0):
-    """The op pair called directly on packed arguments, and the torch closed form on the same problem in rows:
-    ``(R, G_W, G_b, dz)`` of each. The scales the forward finds must be those of the torch ops (``Packed.validity``),
-    bit for bit. The backward is given random G and per-task grad, so that every entry of both matters."""
+def _poison(like):
+    # A freed NaN buffer of dz's size is what the allocator is likely to hand out next: unwritten entries show.
+    poison = torch.full(like.shape, float("nan"), dtype=like.dtype)
+    del poison
+
+
+def _can_stash(p):
+    return p.z3.dtype == p.weight.dtype and p.col_offsets[-1] <= p.z3.shape[1]
+
+
+def _direct(p, gt_seed=0, stash=False):
+    """The op pair called directly on packed arguments (with ``stash``: the forward keeps the logits where it can and
+    the backward writes dz over them), and the torch closed form on the same problem in rows: ``(R, G_W, G_b, dz)``
+    of each. The scales the forward finds must be those of the torch ops (``Packed.validity``), bit for bit. The
+    backward is given random G and per-task grad, so that every entry of both matters."""
     meta = (p.losses, p.col_offsets)
-    penalties, g_w, g_b, scales = FWD(p.z3, p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, *meta)
+    _poison(p.z3)  # the stash is dz's buffer, allocated by the forward
+    penalties, g_w, g_b, scales, kept = FWD(p.z3, p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index,
+                                            p.per_row, *meta, stash)
     assert torch.equal(scales, p.validity[1])
+    assert (kept is not None) == (stash and _can_stash(p))
     gen = torch.Generator().manual_seed(gt_seed)
     rand_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
     rand_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
     grad = torch.randn(len(p.losses), generator=gen, dtype=p.weight.dtype)
-    # A freed NaN buffer of dz's size is what the allocator is likely to hand out next: unwritten entries show.
-    poison = torch.full(p.z3.shape, float("nan"), dtype=p.z3.dtype)
-    del poison
-    dz = BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta)
+    args = (p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta)
+    if kept is None:
+        _poison(p.z3)
+        dz = BWD(*args)
+    else:
+        BWD_STASHED(kept, *args)
+        dz = kept
     z = p.z3.to(p.weight.dtype)
     y, omega, y_offsets = p.rows
     ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
@@ -128,6 +146,7 @@ def _direct(p, gt_seed=0):
     return (penalties, g_w, g_b, dz), (dp.task_penalties(ref_w, ref_b, p.col_offsets), ref_w, ref_b, ref_dz)
 
 
+@pytest.mark.parametrize("stash", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,layout",
@@ -138,12 +157,13 @@ def _direct(p, gt_seed=0):
     # wide dense tiles (128 pixels of 300 channels), the last one partial
     + [((1, 300, 2, 150), "contiguous")],
 )
-def test_direct_call_writes_everything(shape, layout, dtype):
+def test_direct_call_writes_everything(shape, layout, dtype, stash):
     # Odd sizes: partial tiles, partial vectors and partial register blocks in every layout the kernels tell apart
-    # (pixels contiguous, channels contiguous, gathered, converted from fp16/bf16).
+    # (pixels contiguous, channels contiguous, gathered, converted from fp16/bf16), with and without a stash (none
+    # for fp16/bf16, nor where C > D: (130, 3), (1, 1)).
     case = make_case(shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32, layout=layout, seed=8)
     p = _packed(case, dtype)
-    (penalties, g_w, g_b, dz), (ref_penalties, ref_w, ref_b, ref_dz) = _direct(p)
+    (penalties, g_w, g_b, dz), (ref_penalties, ref_w, ref_b, ref_dz) = _direct(p, stash=stash)
     assert dz.dtype == dtype and dz.shape == p.z3.shape and dz.is_contiguous()
     assert penalties.dtype == g_w.dtype == g_b.dtype == p.weight.dtype
     tol = TOL.get(dtype, dict(rtol=1e-2, atol=0.0))
@@ -155,6 +175,37 @@ def test_direct_call_writes_everything(shape, layout, dtype):
     _assert_close(dz.to(ref_dz.dtype), ref_dz, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((2, 11, 5, 7), lay) for lay in ("contiguous", "sliced", "channels_last")] + [((37, 29), "transposed"),
+     ((300, 40), "contiguous"), ((2, 16, 40, 50), "contiguous")],
+)
+def test_stash_gives_the_recomputed_result_bit_for_bit(shape, layout, dtype):
+    # The stashed logits are the values the backward would recompute (same sums in the same order), so dz must not
+    # change by a bit.
+    p = _packed(make_case(shape, dtype=dtype, layout=layout, seed=15))
+    kept, recomputed = _direct(p, stash=True)[0], _direct(p, stash=False)[0]
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 11, 5, 7), (7, 3)])
+def test_a_stash_serves_one_backward_and_a_second_recomputes(shape):
+    # Through dgr_penalty: the forward keeps its logits in dz's buffer when the features need a gradient ((7, 3):
+    # more logit columns than channels, so no stash). After retain_graph=True a second backward must recompute them,
+    # the first having turned the buffer into its dz, and leave that first result as it was.
+    case = make_case(shape, dtype=torch.float64, seed=16)
+    features = case.pop("features").detach().requires_grad_(True)
+    value = dgr_penalty(features, **case, backend="cpp")
+    (first,) = torch.autograd.grad(value, features, retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(value, features)
+    (ref,) = torch.autograd.grad(dgr_penalty(features, **case, backend="reference"), features)
+    assert torch.equal(first, kept) and torch.equal(first, second)
+    _assert_close(first, ref, **TOL[torch.float64])
+
+
 def test_rows_without_any_valid_task_get_exact_zeros():
     case = make_case((3, 6, 4, 9), seed=9, dtype=torch.float32)
     dead = torch.zeros(3, 4, 9, dtype=torch.bool)
@@ -163,9 +214,10 @@ def test_rows_without_any_valid_task_get_exact_zeros():
     case["masks"] = [~dead] * 4
     case["targets"][0] = torch.where(dead, -1, case["targets"][0])
     p = _packed(case)
-    (*_, dz), (*_, ref_dz) = _direct(p)
-    assert torch.equal(dz.reshape(3, 6, 4, 9).permute(0, 2, 3, 1)[dead], torch.zeros(int(dead.sum()), 6))
-    _assert_close(dz, ref_dz, **TOL[torch.float32])
+    for stash in (False, True):
+        (*_, dz), (*_, ref_dz) = _direct(p, stash=stash)
+        assert torch.equal(dz.reshape(3, 6, 4, 9).permute(0, 2, 3, 1)[dead], torch.zeros(int(dead.sum()), 6))
+        _assert_close(dz, ref_dz, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("shape,layout", [((2, 16, 40, 50), "contiguous"), ((3000, 24), "contiguous"), ((2, 16, 40, 50), "channels_last")])
@@ -187,7 +239,7 @@ def test_independent_of_thread_count(shape, layout):
 
 
 def test_refuses_bad_arguments():
-    p = _packed(make_case((5, 4), dtype=torch.float32, seed=11))
+    p = _packed(make_case((5, 40), dtype=torch.float32, seed=11))  # D >= C: the forward returns a stash
     meta = (p.losses, p.col_offsets)
     good = dict(z3=p.z3, weight=p.weight, bias=p.bias, has_bias=p.has_bias, targets=p.targets, masks=p.masks,
                 ignore_index=p.ignore_index, per_row=p.per_row)
@@ -195,7 +247,7 @@ def test_refuses_bad_arguments():
     def fwd(**override):
         a = {**good, **override}
         return FWD(a["z3"], a["weight"], a["bias"], a["has_bias"], a["targets"], a["masks"], a["ignore_index"],
-                   a["per_row"], *override.pop("meta", meta))
+                   a["per_row"], *override.pop("meta", meta), True)
 
     def task(t, value, items):
         return [value if k == t else x for k, x in enumerate(items)]
@@ -227,10 +279,18 @@ def test_refuses_bad_arguments():
     for override, message in cases:
         with pytest.raises(RuntimeError, match=message):
             fwd(**override)
-    penalties, g_w, g_b, scales = fwd()
+    penalties, g_w, g_b, scales, stash = fwd()
 
     def bwd(scales=scales, grad=torch.ones_like(penalties), g_w=g_w):
         return BWD(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, g_w, g_b, *meta)
+
+    def bwd_stashed(stash=stash, z3=p.z3):
+        return BWD_STASHED(stash, z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, penalties, g_w, g_b, *meta)
+
+    for override, message in [(dict(stash=stash[:1]), "stash must have shape"), (dict(stash=stash.double()), "stash must be Float"),
+                              (dict(z3=p.z3.half()), "a stash needs float32/float64 features")]:
+        with pytest.raises(RuntimeError, match=message):
+            bwd_stashed(**override)
 
     for override, message in [(dict(g_w=g_w[:2]), "g_w must have shape"), (dict(scales=scales[:2]), "scales must have shape"),
                               (dict(scales=scales.double()), "scales must be Float"), (dict(grad=penalties[:2]), "grad must have shape"),

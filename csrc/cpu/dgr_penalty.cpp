@@ -16,6 +16,11 @@
 // it scales task t's rows of G by 1 / n_t (the `scales` it returns) at the end, which is the same sum as
 // `_torch_gradients` with omega = valid / n_t. The backward is given those scales.
 //
+// Stash: asked for, the forward allocates dz3 and writes each tile's logits s into that tile's own region of it; the
+// backward given that buffer (dgr_penalty_bwd_stashed) reads them back instead of recomputing them (C of its C + Ch
+// projected rows) before it writes the tile's dz over them. The logits are the values the recomputation gives, bit for
+// bit (hsum adds in the order of hsums' tree, so no value depends on its place in a register block).
+//
 // Layouts, without a copy of z: a tile is read in place either as [D][n] (pixels contiguous: dense maps, a transposed
 // [N, D]) or as [n][D] (channels contiguous: [N, D] rows, channels_last maps). fp16/bf16 tiles and other strides are
 // converted or gathered into a per-thread buffer of one of those two forms. Accumulation is in fp32 (fp64 for fp64
@@ -136,6 +141,11 @@ struct Problem {
   const T* bias1;
   const T* A2;
   int64_t M1;
+
+  // Where the forward keeps each tile's logits s for the backward, or nullptr: the memory of dz3 itself (T, laid
+  // out as dz3), the logits of a tile inside that tile's own region of it (`stash_logits`), so that the backward
+  // reads them before it writes the tile's dz over them and needs no extra buffer.
+  T* stash = nullptr;
 };
 
 template <typename T>
@@ -435,14 +445,21 @@ Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10:
   return pr;
 }
 
-// Returns (R, G_W, G_b, scales): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t] (its
-// columns for an elementwise mean), task t's rows of G scaled by it, G_b zero for a task without a bias, and
-// R[t] = ||G_W[t]||^2 + ||G_b[t]||^2 (`task_penalties`).
+// A stash is possible where z3 is the accumulation dtype (the logits are kept exactly) and a row's C logits fit in
+// its D channels.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<T> pr, const at::Tensor& z3,
-                                                                        const at::Tensor& weight, const at::Tensor& bias,
-                                                                        const c10::List<bool>& has_bias,
-                                                                        at::IntArrayRef per_row) {
+bool can_stash(const Problem<T>& pr) {
+  return pr.same && pr.C <= pr.D;
+}
+
+// Returns (R, G_W, G_b, scales, stash): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t]
+// (its columns for an elementwise mean), task t's rows of G scaled by it, G_b zero for a task without a bias,
+// R[t] = ||G_W[t]||^2 + ||G_b[t]||^2 (`task_penalties`), and with `stash` (where can_stash) the buffer dz3 will be,
+// holding the tile logits (see Problem::stash); else an undefined tensor (None).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
+    const c10::List<bool>& has_bias, at::IntArrayRef per_row, bool stash) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   const at::Tensor b = bias.contiguous();
   Buffer<T> A1(C * ldd);
@@ -452,6 +469,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<
   pr.bias1 = b.data_ptr<T>();
   pr.A2 = nullptr;
   pr.M1 = C;
+  at::Tensor kept;
+  if (stash && can_stash(pr)) {
+    kept = at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
+    pr.stash = kept.data_ptr<T>();
+  }
   // Blocks of 1024 rows, and at least 16 rows per logit column, so that the partials stay small next to z; a smaller
   // problem is cut into up to 8 blocks, of at least 4 rows per logit column (partials at most a quarter of z), so that
   // its forward does not run on one thread (1024 rows, C = 16 or 64: 1.8x faster on 2 threads). The blocking depends
@@ -511,13 +533,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(Problem<
   T* R = penalties.data_ptr<T>();
   for (int64_t t = 0; t < pr.tasks; ++t)
     for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) R[t] += row_norms[c] + gb[c] * gb[c];
-  return {penalties, g_w, g_b, scales};
+  return {penalties, g_w, g_b, scales, kept};
 }
 
 // grad: dR_t per task; Gt = grad_t G, G's rows scaled by their task's grad (`row_scale`), G = the forward's (G_W, G_b).
+// stash: the forward's (dz3 is written into it), or undefined (dz3 is allocated).
 template <typename T>
 at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
-                         const at::Tensor& grad, const at::Tensor& g_w, const at::Tensor& g_b) {
+                         const at::Tensor& grad, const at::Tensor& g_w, const at::Tensor& g_b, const at::Tensor& stash) {
   const int64_t C = pr.C, D = pr.D, ldd = pr.ldd;
   pr.M1 = C + pr.Ch;
   // A1 = [W; 2 Gt_W (Hessian columns)], bias1 = [b; 2 Gt_b (same)], A2 = [2 Gt_W; W (Hessian columns)].
@@ -544,42 +567,68 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   pr.A1 = A1.data();
   pr.bias1 = bias1.data();
   pr.A2 = A2.data();
-  at::Tensor dz3 = at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dz3 = stash.defined() ? stash : at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
+  if (stash.defined()) pr.stash = dz3.data_ptr<T>();
   const void* z = z3.data_ptr();
   void* dz = dz3.data_ptr();
   at::parallel_for(0, pr.tiles, 1, [&](int64_t t0, int64_t t1) { dispatch_backward(pr, z, t0, t1, dz); });
   return dz3;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgr_penalty_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgr_penalty_fwd(
     const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, const c10::List<bool>& has_bias,
     at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
-    at::IntArrayRef per_row, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+    at::IntArrayRef per_row, at::IntArrayRef losses, at::IntArrayRef col_offsets, bool stash) {
   check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
   TORCH_CHECK(per_row.size() == losses.size() && has_bias.size() == losses.size(), "dgr_penalty (cpp): per_row and ",
               "has_bias need ", losses.size(), " entries each, got ", per_row.size(), " and ", has_bias.size());
   for (const int64_t k : per_row) TORCH_CHECK(k >= 1, "dgr_penalty (cpp): per_row entries must be >= 1, got ", k);
   if (z3.scalar_type() == at::kDouble)
     return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
-                        bias, has_bias, per_row);
+                        bias, has_bias, per_row, stash);
   return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
-                      bias, has_bias, per_row);
+                      bias, has_bias, per_row, stash);
+}
+
+// stash: undefined, or the forward's (checked here as far as it can be: it must hold the logits of this z3).
+at::Tensor backward_op(const at::Tensor& stash, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
+                       at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks,
+                       at::IntArrayRef ignore_index, const at::Tensor& scales, const at::Tensor& grad,
+                       const at::Tensor& g_w, const at::Tensor& g_b, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+  const auto acc = check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
+  check_tensor(scales, "scales", acc, {int64_t(losses.size())}, true);
+  check_tensor(grad, "grad", acc, {int64_t(losses.size())}, false);
+  check_tensor(g_w, "g_w", acc, weight.sizes(), false);
+  check_tensor(g_b, "g_b", acc, bias.sizes(), false);
+  if (stash.defined()) {
+    TORCH_CHECK(z3.scalar_type() == acc && col_offsets.back() <= z3.size(1), "dgr_penalty (cpp): a stash needs ",
+                "float32/float64 features with at least as many channels as logit columns (the forward returns none ",
+                "otherwise)");
+    check_tensor(stash, "stash", acc, z3.sizes(), true);
+  }
+  if (z3.scalar_type() == at::kDouble)
+    return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3,
+                         weight, bias, grad, g_w, g_b, stash);
+  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3, weight,
+                       bias, grad, g_w, g_b, stash);
 }
 
 at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
                            const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
                            const at::Tensor& scales, const at::Tensor& grad, const at::Tensor& g_w,
                            const at::Tensor& g_b, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
-  const auto acc = check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
-  check_tensor(scales, "scales", acc, {int64_t(losses.size())}, true);
-  check_tensor(grad, "grad", acc, {int64_t(losses.size())}, false);
-  check_tensor(g_w, "g_w", acc, weight.sizes(), false);
-  check_tensor(g_b, "g_b", acc, bias.sizes(), false);
-  if (z3.scalar_type() == at::kDouble)
-    return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3,
-                         weight, bias, grad, g_w, g_b);
-  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3, weight,
-                       bias, grad, g_w, g_b);
+  return backward_op(at::Tensor(), z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses,
+                     col_offsets);
+}
+
+// dgr_penalty_bwd on the forward's stash: dz3 is written into it.
+void dgr_penalty_bwd_stashed(const at::Tensor& stash, const at::Tensor& z3, const at::Tensor& weight,
+                             const at::Tensor& bias, at::TensorList targets,
+                             const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef ignore_index,
+                             const at::Tensor& scales, const at::Tensor& grad, const at::Tensor& g_w,
+                             const at::Tensor& g_b, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+  TORCH_CHECK(stash.defined(), "dgr_penalty (cpp): dgr_penalty_bwd_stashed needs the forward's stash");
+  backward_op(stash, z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets);
 }
 
 }  // namespace
@@ -588,15 +637,21 @@ at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const
 TORCH_LIBRARY_FRAGMENT(dgr_fast_cpu, m) {
   m.def(
       "dgr_penalty_fwd(Tensor z3, Tensor weight, Tensor bias, bool[] has_bias, Tensor[] targets, Tensor?[] masks, "
-      "int[] ignore_index, int[] per_row, int[] losses, int[] col_offsets) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int[] ignore_index, int[] per_row, int[] losses, int[] col_offsets, bool stash) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dgr_penalty_bwd(Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, Tensor?[] masks, int[] ignore_index, "
       "Tensor scales, Tensor grad, Tensor g_w, Tensor g_b, int[] losses, int[] col_offsets) -> Tensor");
+  m.def(
+      "dgr_penalty_bwd_stashed(Tensor(a!) stash, Tensor z3, Tensor weight, Tensor bias, Tensor[] targets, "
+      "Tensor?[] masks, int[] ignore_index, Tensor scales, Tensor grad, Tensor g_w, Tensor g_b, int[] losses, "
+      "int[] col_offsets) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dgr_fast_cpu, CPU, m) {
   m.impl("dgr_penalty_fwd", &dgr_penalty_cpu::dgr_penalty_fwd);
   m.impl("dgr_penalty_bwd", &dgr_penalty_cpu::dgr_penalty_bwd);
+  m.impl("dgr_penalty_bwd_stashed", &dgr_penalty_cpu::dgr_penalty_bwd_stashed);
 }
 
 #else  // DGR_PENALTY_KERNELS: the kernels, compiled once per copy (namespaces avx2 and baseline above)
@@ -636,11 +691,19 @@ template <typename T>
 DGR_INLINE Vec<T> vsplat(T x) {
   return x - Vec<T>{};
 }
+// For fp32 in the order of hsums' tree below, so that a dot product's value does not depend on whether it was summed
+// in a group of four or alone (which its place in the register blocks decides).
 template <typename T>
 DGR_INLINE T hsum(Vec<T> v) {
-  T s = 0;
-  for (int64_t i = 0; i < kLanes<T>; ++i) s += v[i];
-  return s;
+  if constexpr (std::is_same_v<T, float> && kLanes<T> == 8) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  } else if constexpr (std::is_same_v<T, float> && kLanes<T> == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    T s = 0;
+    for (int64_t i = 0; i < kLanes<T>; ++i) s += v[i];
+    return s;
+  }
 }
 
 #if defined(__clang__)
@@ -935,17 +998,33 @@ DGR_INLINE int64_t whole_vectors(int64_t n) {
   return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
-// [s; u] = A1 z + bias1 for the tile's rows, into out[M1][ld]; lanes n .. whole vectors are zeroed (see the
-// residuals).
+// Rows m0 .. M1 of [s; u] = A1 z + bias1 for the tile's rows, into those rows of out[M1][ld]; lanes n .. whole
+// vectors are zeroed (see the residuals).
 template <typename T>
-DGR_INLINE void project(const Problem<T>& pr, const T* z, int64_t ldz, int64_t n, T* out) {
+DGR_INLINE void project(const Problem<T>& pr, int64_t m0, const T* z, int64_t ldz, int64_t n, T* out) {
+  const int64_t M = pr.M1 - m0;
+  const T *A = pr.A1 + m0 * pr.ldd, *bias = pr.bias1 + m0;
+  out += m0 * pr.ld;
   if (pr.rows)
-    dot(pr.M1, n, pr.D, pr.A1, pr.ldd, z, ldz, out, pr.ld, pr.bias1, false);
+    dot(M, n, pr.D, A, pr.ldd, z, ldz, out, pr.ld, bias, false);
   else
-    axpy(pr.M1, pr.D, n, pr.A1, pr.ldd, int64_t(1), z, ldz, out, pr.ld, pr.bias1, false);
+    axpy(M, pr.D, n, A, pr.ldd, int64_t(1), z, ldz, out, pr.ld, bias, false);
   const int64_t width = whole_vectors<T>(n);
-  for (int64_t c = 0; c < pr.M1; ++c)
+  for (int64_t c = 0; c < M; ++c)
     for (int64_t j = n; j < width; ++j) out[c * pr.ld + j] = T(0);
+}
+
+// The tile's logits, rows 0 .. C of s[.][ld], into the stash (store) or back from it (lanes n .. whole vectors
+// zeroed, as project leaves them): logit c of the tile's row i (row p0 + i of image b) is where dz3 holds channel
+// c of that row, c < C <= D.
+template <typename T>
+DGR_INLINE void stash_logits(const Problem<T>& pr, int64_t b, int64_t p0, int64_t n, T* s, bool store) {
+  T* base = pr.stash + b * pr.ob + p0 * pr.op;
+  if (store) return copy_block(s, pr.ld, int64_t(1), base, pr.od, pr.op, pr.C, n);
+  copy_block(static_cast<const T*>(base), pr.od, pr.op, s, pr.ld, int64_t(1), pr.C, n);
+  const int64_t width = whole_vectors<T>(n);
+  for (int64_t c = 0; c < pr.C; ++c)
+    for (int64_t j = n; j < width; ++j) s[c * pr.ld + j] = T(0);
 }
 
 // Gathers n values src[i * stride], converted, into dst (the inner loop of the in-place target reads).
@@ -1046,8 +1125,12 @@ DGR_INLINE Tile<T> start_tile(const Problem<T>& pr, const void* z, int64_t t, Wo
   tl.n = std::min(pr.tile, pr.P - tl.p0);
   tl.z = tile_z(pr, z, tl.b, tl.p0, tl.n, ws.z.data(), &tl.ldz);
   T* rh = ws.rh.data();
-  project(pr, tl.z, tl.ldz, tl.n, rh);
-  residuals(pr, tl.b, tl.p0, tl.n, rh, tally ? static_cast<T*>(nullptr) : rh + pr.C * pr.ld, ws.yo.data(), tally);
+  const bool forward = tally != nullptr, stashed = pr.stash && !forward;
+  // With a stash, the backward projects the u rows only: its s rows are the forward's logits.
+  if (stashed) stash_logits(pr, tl.b, tl.p0, tl.n, rh, false);
+  project(pr, stashed ? pr.C : 0, tl.z, tl.ldz, tl.n, rh);
+  if (pr.stash && forward) stash_logits(pr, tl.b, tl.p0, tl.n, rh, true);
+  residuals(pr, tl.b, tl.p0, tl.n, rh, forward ? static_cast<T*>(nullptr) : rh + pr.C * pr.ld, ws.yo.data(), tally);
   return tl;
 }
 

@@ -386,14 +386,29 @@ class _TorchPenalty(torch.autograd.Function):
 
 def _kernels(backend: str):
     """``(forward, backward)`` of a fused backend, on ``Packed``'s per-task arguments as the ``cpp`` ops take them:
-    ``forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets)
-    -> (R [T], G_W, G_b, scales)`` (``G_b`` zero for a task without a bias) and
-    ``backward(z3, weight, bias, targets, masks, ignore_index, scales, grad [T], G_W, G_b, losses, col_offsets) -> dz3``
-    (``Gt = grad_t G`` per task, as ``row_scale``)."""
+    ``forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, stash)
+    -> (R [T], G_W, G_b, scales, stash)`` (``G_b`` zero for a task without a bias) and
+    ``backward(z3, weight, bias, targets, masks, ignore_index, scales, grad [T], G_W, G_b, losses, col_offsets, stash)
+    -> dz3`` (``Gt = grad_t G`` per task, as ``row_scale``).
+
+    ``stash``: asked for (True), the ``cpp`` forward may return the buffer its backward will write ``dz3`` into,
+    holding the logits of the forward meanwhile, so that the backward does not recompute them (about a sixth of its
+    flops); it returns None where it cannot (fp16/bf16 features, or more logit columns than channels) and the other
+    backends always do. The backward given that buffer writes ``dz3`` into it and returns it; given None it
+    recomputes the logits and allocates ``dz3``."""
     if backend == "cpp":
         import dgr_fast._C  # noqa: F401  (registers torch.ops.dgr_fast_cpu)
 
-        return torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
+        ops = torch.ops.dgr_fast_cpu
+
+        def cpp_backward(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets, stash):
+            args = (z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets)
+            if stash is None:
+                return ops.dgr_penalty_bwd(*args)
+            ops.dgr_penalty_bwd_stashed(stash, *args)
+            return stash
+
+        return ops.dgr_penalty_fwd, cpp_backward
     if backend == "cuda":
         import dgr_fast._C_cuda  # noqa: F401  (registers torch.ops.dgr_fast_cuda)
 
@@ -408,16 +423,16 @@ def _kernels(backend: str):
     # These kernels read the targets packed into rows, with validity and scales found by torch ops: packed in each
     # pass, so that only one pass's copy is alive (the backward's targets were checked by the forward). The per-task
     # sums and scalings the cpp ops do inside are torch ops here.
-    def forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets):
+    def forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, _stash):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets)
         scales = row_scales(valid, per_row, z3, weight.dtype)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
         g_w, g_b = fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
         if not all(has_bias):
             g_b = g_b * column_mask(has_bias, col_offsets, g_b)
-        return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales
+        return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales, None
 
-    def backward(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets):
+    def backward(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets, _stash):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets, check=False)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
         scale = row_scale(grad, col_offsets)
@@ -440,16 +455,19 @@ def _fused_forward(
     z3: Tensor, weight: Tensor, bias: Tensor, has_bias: list[bool], targets: list[Tensor], masks: list[Tensor | None],
     ignore_index: list[int], per_row: list[int], losses: list[int], col_offsets: list[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1: ``(R [T], G_W, G_b, scales [T])``."""
-    return _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets)
+    """Pass 1: ``(R [T], G_W, G_b, scales [T])``, without a stash (an op's output may not be memory its backward
+    writes into)."""
+    return _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets,
+                                False)[:4]
 
 
 def _fused_features_grad(
     z3: Tensor, weight: Tensor, bias: Tensor, targets: list[Tensor], masks: list[Tensor | None], ignore_index: list[int],
     scales: Tensor, grad: Tensor, g_w: Tensor, g_b: Tensor, losses: list[int], col_offsets: list[int], backend: str,
 ) -> Tensor:
-    """Pass 2: ``dz3`` for the incoming ``grad [T]``."""
-    return _kernels(backend)[1](z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets)
+    """Pass 2: ``dz3`` for the incoming ``grad [T]``, the logits recomputed."""
+    return _kernels(backend)[1](z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets,
+                                None)
 
 
 # The op pair torch.compile sees. Eager calls go through _FusedPenalty instead: torch.library's Python dispatch and
@@ -474,14 +492,20 @@ def _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offse
     ctx.meta = (losses, col_offsets, ignore_index, backend)
 
 
-def _features_grad(ctx, grad: Tensor, features_grad) -> Tensor:
-    """``dz3`` for the incoming ``grad [T]``, by ``features_grad`` (``_fused_bwd`` or ``_fused_features_grad``)."""
+def _features_grad(ctx, grad: Tensor, eager: bool) -> Tensor:
+    """``dz3`` for the incoming ``grad [T]``: by ``_fused_bwd`` (torch.compile), or (eager) by the kernels directly,
+    on the forward's stash if there is one. A stash serves one backward (it becomes dz3): a second one, after
+    ``retain_graph=True``, recomputes the logits."""
     z3, weight, bias, scales, g_w, g_b, *per_task = ctx.saved_tensors
     losses, col_offsets, ignore_index, backend = ctx.meta
     targets, masks = per_task[: len(losses)], per_task[len(losses) :]
+    args = (z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets)
     with torch.no_grad():
-        dz3 = features_grad(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets,
-                            backend)
+        if eager:
+            stash, ctx.stash = ctx.stash, None
+            dz3 = _kernels(backend)[1](*args, stash)
+        else:
+            dz3 = _fused_bwd(*args, backend)
     if torch.is_grad_enabled() and (grad.requires_grad or z3.requires_grad):
         # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
         # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
@@ -500,23 +524,25 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_backward(ctx, grad, _grad_g_w, _grad_g_b, _grad_scales):
     tasks = len(ctx.meta[0])
     masks_grad = [None] * tasks if ctx.masks_flattened else None
-    return (_features_grad(ctx, grad, _fused_bwd), None, None, None, [None] * tasks, masks_grad,
+    return (_features_grad(ctx, grad, eager=False), None, None, None, [None] * tasks, masks_grad,
             None, None, None, None, None)
 
 
 class _FusedPenalty(torch.autograd.Function):
-    """The eager path of the fused op pair: the same passes and saved tensors, without torch.library's dispatch."""
+    """The eager path of the fused op pair: the same passes and saved tensors, without torch.library's dispatch, and
+    with a stash where the features need a gradient (``_kernels``): the cpp backward then skips the logits, and the
+    buffer dz3 will be is allocated in the forward rather than the backward (held from one to the other)."""
 
     @staticmethod
     def forward(ctx, z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, backend):
-        penalties, *saved = _fused_forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses,
-                                           col_offsets, backend)
+        penalties, *saved, ctx.stash = _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index,
+                                                            per_row, losses, col_offsets, ctx.needs_input_grad[0])
         _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *saved)
         return penalties
 
     @staticmethod
     def backward(ctx, grad):
-        return _features_grad(ctx, grad, _fused_features_grad), *([None] * 10)
+        return _features_grad(ctx, grad, eager=True), *([None] * 10)
 
 
 _ONCE_DIFFERENTIABLE = (
