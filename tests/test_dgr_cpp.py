@@ -206,6 +206,41 @@ def test_a_stash_serves_one_backward_and_a_second_recomputes(shape):
     _assert_close(first, ref, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("stash", [False, True])
+@pytest.mark.parametrize("shape,layout", [((2, 11, 5, 7), "contiguous"), ((37, 29), "contiguous"), ((2, 11, 5, 7), "channels_last")])
+def test_the_backward_leaves_out_tasks_whose_grad_is_zero(shape, layout, stash):
+    # A task with dR_t = 0 adds exactly 0 to dz, so the backward computes the others only: dz must be the one of the
+    # problem made of those tasks alone, bit for bit (with a stash, their logits are read from among all of them);
+    # with every dR_t = 0, exact zeros.
+    dtype = torch.float32
+    case = make_case(shape, dtype=dtype, layout=layout, seed=17)
+    p = _packed(case)
+    meta = (p.losses, p.col_offsets)
+    *_, scales, kept = FWD(p.z3, p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, *meta, stash)
+    assert (kept is not None) == stash
+    gen = torch.Generator().manual_seed(18)
+    g_w, g_b = torch.randn(p.weight.shape, generator=gen), torch.randn(p.bias.shape, generator=gen)
+    grad = torch.tensor([1.5, 0.0, -0.7, 0.0])
+
+    def backward(grad, stash):
+        args = (p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, g_w, g_b, *meta)
+        if stash is None:
+            return BWD(*args)
+        BWD_STASHED(stash, *args)
+        return stash
+
+    keep = [0, 2]
+    sub = dp.pack(case["features"], [case["weights"][t] for t in keep], [case["biases"][t] for t in keep],
+                  [case["targets"][t] for t in keep], [case["losses"][t] for t in keep], [case["masks"][t] for t in keep],
+                  [case["ignore_index"]] * 2, [REDUCTIONS[t] for t in keep])
+    columns = torch.cat([torch.arange(p.col_offsets[t], p.col_offsets[t + 1]) for t in keep])
+    expected = BWD(sub.z3, sub.weight, sub.bias, sub.targets, sub.masks, sub.ignore_index, scales[keep], grad[keep],
+                   g_w[columns], g_b[columns], sub.losses, sub.col_offsets)
+    dz = backward(grad, None if kept is None else kept.clone())
+    assert torch.equal(dz, expected)
+    assert torch.equal(backward(torch.zeros(4), kept), torch.zeros_like(dz))
+
+
 def test_rows_without_any_valid_task_get_exact_zeros():
     case = make_case((3, 6, 4, 9), seed=9, dtype=torch.float32)
     dead = torch.zeros(3, 4, 9, dtype=torch.bool)

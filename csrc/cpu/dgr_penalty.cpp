@@ -131,8 +131,11 @@ struct Problem {
   int64_t ld, ldd;     // buffer row strides for tile rows (pixels of a channel, logits ...) and for D channels
   int64_t tiles_per_image, tiles;
 
+  // The tasks the kernels compute: all of the op's in the forward; in the backward those with dR_t != 0 (the
+  // others add exactly 0 to dz: their rows of Gt are 0, so are their u and H u).
   int64_t C, Cy, tasks, Ch;  // logit columns, target columns, tasks, columns with a non-zero Hessian
   std::vector<int64_t> loss, c0, y0, h0;  // per task; c0 and y0 have tasks + 1 entries; h0 = -1 for l1 tasks
+  std::vector<int64_t> task_src, col_src;  // per task / per column: its index among the op's tasks / stacked columns
   std::vector<Source<T>> src;              // per task
 
   // The first GEMM gives [s; u] = A1 z + bias1 (M1 = C rows in the forward, C + Ch in the backward); the backward's
@@ -185,23 +188,29 @@ void set_geometry(Problem<T>& pr, const at::Tensor& z3) {
 }
 
 // The tile's targets are staged as y0 rows per task (one for ce's class index, C_k otherwise), as the packed layout.
+// grad: the backward's dR (the tasks with dR_t == 0 are left out), or nullptr for every task.
 template <typename T>
-void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
-  pr.tasks = int64_t(losses.size());
-  pr.loss.assign(losses.begin(), losses.end());
-  pr.c0.assign(col_offsets.begin(), col_offsets.end());
-  pr.C = pr.c0.back();
+void set_heads(Problem<T>& pr, at::IntArrayRef losses, at::IntArrayRef col_offsets, const at::Tensor* grad) {
+  pr.loss.clear();
+  pr.task_src.clear();
+  pr.col_src.clear();
+  pr.h0.clear();
+  pr.c0.assign(1, 0);
   pr.y0.assign(1, 0);
-  pr.h0.assign(pr.tasks, -1);
   pr.Ch = 0;
-  for (int64_t t = 0; t < pr.tasks; ++t) {
-    const int64_t nc = pr.c0[t + 1] - pr.c0[t];
-    pr.y0.push_back(pr.y0.back() + (pr.loss[t] == kCe ? 1 : nc));
-    if (pr.loss[t] != kL1) {
-      pr.h0[t] = pr.Ch;
-      pr.Ch += nc;
-    }
+  for (int64_t t = 0; t < int64_t(losses.size()); ++t) {
+    if (grad && grad->accessor<T, 1>()[t] == T(0)) continue;
+    const int64_t nc = col_offsets[t + 1] - col_offsets[t];
+    pr.task_src.push_back(t);
+    for (int64_t c = col_offsets[t]; c < col_offsets[t + 1]; ++c) pr.col_src.push_back(c);
+    pr.loss.push_back(losses[t]);
+    pr.c0.push_back(pr.c0.back() + nc);
+    pr.y0.push_back(pr.y0.back() + (losses[t] == kCe ? 1 : nc));
+    pr.h0.push_back(losses[t] == kL1 ? -1 : pr.Ch);
+    if (losses[t] != kL1) pr.Ch += nc;
   }
+  pr.tasks = int64_t(pr.task_src.size());
+  pr.C = pr.c0.back();
   pr.Cy = pr.y0.back();
 }
 
@@ -217,7 +226,8 @@ void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::op
   pr.src.assign(pr.tasks, Source<T>{});
   for (int64_t t = 0; t < pr.tasks; ++t) {
     Source<T>& s = pr.src[t];
-    const at::Tensor& y = targets[t];
+    const int64_t k = pr.task_src[t];
+    const at::Tensor& y = targets[k];
     if (pr.loss[t] == kCe) {
       s.cls = y.data_ptr<int64_t>();
       rows(y.stride(0), y.stride(1), &s.sb, &s.sp);
@@ -226,14 +236,14 @@ void set_sources(Problem<T>& pr, at::TensorList targets, const c10::List<std::op
       s.sc = y.stride(1);
       rows(y.stride(0), y.stride(2), &s.sb, &s.sp);
     }
-    const std::optional<at::Tensor> m = masks.get(t);
+    const std::optional<at::Tensor> m = masks.get(k);
     if (m.has_value() && m->defined()) {
       s.mask = m->data_ptr<bool>();
       rows(m->stride(0), m->stride(1), &s.vb, &s.vp);
     }
-    s.ignore = ignore_index[t];
+    s.ignore = ignore_index[k];
     s.classes = pr.c0[t + 1] - pr.c0[t];
-    s.scale = scales ? scales[t] : T(1);
+    s.scale = scales ? scales[k] : T(1);
   }
 }
 
@@ -433,13 +443,13 @@ at::ScalarType check_args(const at::Tensor& z3, const at::Tensor& weight, const 
   return acc;
 }
 
-// scales: the backward's (checked, contiguous), or nullptr in the forward.
+// scales, grad: the backward's (checked; scales contiguous), or nullptr in the forward.
 template <typename T>
 Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks,
-                        at::IntArrayRef ignore_index, const at::Tensor* scales, at::IntArrayRef losses,
-                        at::IntArrayRef col_offsets) {
+                        at::IntArrayRef ignore_index, const at::Tensor* scales, const at::Tensor* grad,
+                        at::IntArrayRef losses, at::IntArrayRef col_offsets) {
   Problem<T> pr;
-  set_heads(pr, losses, col_offsets);
+  set_heads(pr, losses, col_offsets, grad);
   set_geometry(pr, z3);
   set_sources(pr, targets, masks, ignore_index, scales ? scales->data_ptr<T>() : nullptr);
   return pr;
@@ -549,17 +559,17 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   const auto dR = grad.accessor<T, 1>();
   Buffer<T> A1(pr.M1 * ldd), bias1(pr.M1), A2(pr.M1 * ldd);
   for (int64_t t = 0; t < pr.tasks; ++t) {
-    const T twice = T(2) * dR[t];
+    const T twice = T(2) * dR[pr.task_src[t]];
     for (int64_t c = pr.c0[t]; c < pr.c0[t + 1]; ++c) {
-      const int64_t h = pr.h0[t] < 0 ? -1 : C + pr.h0[t] + (c - pr.c0[t]);
-      bias1[c] = bp[c];
-      if (h >= 0) bias1[h] = twice * GB[c];
+      const int64_t h = pr.h0[t] < 0 ? -1 : C + pr.h0[t] + (c - pr.c0[t]), k = pr.col_src[c];
+      bias1[c] = bp[k];
+      if (h >= 0) bias1[h] = twice * GB[k];
       for (int64_t d = 0; d < D; ++d) {
-        A1[c * ldd + d] = W[c * D + d];
-        A2[c * ldd + d] = twice * GW[c * D + d];
+        A1[c * ldd + d] = W[k * D + d];
+        A2[c * ldd + d] = twice * GW[k * D + d];
         if (h >= 0) {
-          A1[h * ldd + d] = twice * GW[c * D + d];
-          A2[h * ldd + d] = W[c * D + d];
+          A1[h * ldd + d] = twice * GW[k * D + d];
+          A2[h * ldd + d] = W[k * D + d];
         }
       }
     }
@@ -584,9 +594,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgr_penal
               "has_bias need ", losses.size(), " entries each, got ", per_row.size(), " and ", has_bias.size());
   for (const int64_t k : per_row) TORCH_CHECK(k >= 1, "dgr_penalty (cpp): per_row entries must be >= 1, got ", k);
   if (z3.scalar_type() == at::kDouble)
-    return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
+    return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets), z3, weight,
                         bias, has_bias, per_row, stash);
-  return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, losses, col_offsets), z3, weight,
+  return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets), z3, weight,
                       bias, has_bias, per_row, stash);
 }
 
@@ -607,9 +617,9 @@ at::Tensor backward_op(const at::Tensor& stash, const at::Tensor& z3, const at::
     check_tensor(stash, "stash", acc, z3.sizes(), true);
   }
   if (z3.scalar_type() == at::kDouble)
-    return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3,
+    return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, &grad, losses, col_offsets), z3,
                          weight, bias, grad, g_w, g_b, stash);
-  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, losses, col_offsets), z3, weight,
+  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, &grad, losses, col_offsets), z3, weight,
                        bias, grad, g_w, g_b, stash);
 }
 
@@ -1014,17 +1024,19 @@ DGR_INLINE void project(const Problem<T>& pr, int64_t m0, const T* z, int64_t ld
     for (int64_t j = n; j < width; ++j) out[c * pr.ld + j] = T(0);
 }
 
-// The tile's logits, rows 0 .. C of s[.][ld], into the stash (store) or back from it (lanes n .. whole vectors
-// zeroed, as project leaves them): logit c of the tile's row i (row p0 + i of image b) is where dz3 holds channel
-// c of that row, c < C <= D.
+// The tile's logits, rows 0 .. C of s[.][ld], into the stash (store, the forward: every column) or back from it
+// (lanes n .. whole vectors zeroed, as project leaves them): logit k of the tile's row i (row p0 + i of image b) is
+// where dz3 holds channel k of that row, k < C <= D, k = col_src[c] for the kernels' column c.
 template <typename T>
 DGR_INLINE void stash_logits(const Problem<T>& pr, int64_t b, int64_t p0, int64_t n, T* s, bool store) {
   T* base = pr.stash + b * pr.ob + p0 * pr.op;
   if (store) return copy_block(s, pr.ld, int64_t(1), base, pr.od, pr.op, pr.C, n);
-  copy_block(static_cast<const T*>(base), pr.od, pr.op, s, pr.ld, int64_t(1), pr.C, n);
   const int64_t width = whole_vectors<T>(n);
-  for (int64_t c = 0; c < pr.C; ++c)
+  for (int64_t c = 0; c < pr.C; ++c) {
+    copy_block(static_cast<const T*>(base) + pr.col_src[c] * pr.od, int64_t(0), pr.op, s + c * pr.ld, int64_t(0),
+               int64_t(1), int64_t(1), n);
     for (int64_t j = n; j < width; ++j) s[c * pr.ld + j] = T(0);
+  }
 }
 
 // Gathers n values src[i * stride], converted, into dst (the inner loop of the in-place target reads).
