@@ -22,7 +22,6 @@ page faults for every large block.)
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -34,10 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import dgr_penalty  # noqa: E402
-from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
+from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
 
 
 @dataclass
@@ -153,24 +149,6 @@ def peak_extra_bytes(fn, device: str) -> int:
         f.write("5")  # resets VmHWM to the current RSS
     fn()
     return (_proc_status_kb("VmHWM") - base) * 1024
-
-
-def malloc_mode(measure_memory: bool) -> None:
-    """Set glibc's allocator for a memory measurement or for a timing.
-
-    Memory: blocks of 64 KiB and more are served with mmap, so freeing one returns it to the system and the resident
-    set follows live memory (the same as ``MALLOC_MMAP_THRESHOLD_=65536``, applied in the running process). Timing:
-    blocks of up to 32 MiB stay on the heap and freed memory is kept, which is where glibc's own dynamic threshold
-    settles in a training loop once such a block has been freed; with the memory setting every large block would pay
-    a fresh mmap and its page faults. A threshold the caller put in the environment is left alone for both.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    mmap_threshold, trim_threshold = (64 << 10, 128 << 10) if measure_memory else (32 << 20, 64 << 20)
-    if not hasattr(LIBC, "mallopt") or LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
-        print("# warning: could not set glibc's mmap threshold (not glibc?): peak_extra_mb may read low")
-        return
-    LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def _proc_status_kb(field: str) -> int:

@@ -10,7 +10,10 @@ falls as the encoder does more work per pixel. For every method: the median step
 with DGR computed by the fused backend (`cpp` on CPU, `cuda`/`triton` on GPU), by the `torch` closed form, by
 autograd double backward (`reference`), and, for equal weighting, by the authors' finite-difference estimate. The
 DGR overhead is the extra median step time over the same method without it; a method's variants take turns step
-by step, so that the machine's drift slows them alike. Prints a table and writes ``step_<device>.csv`` and
+by step, so that the machine's drift slows them alike. On CPU, glibc keeps freed blocks of up to 32 MiB (as
+``bench_dgr.py`` times): with its defaults, which variant's steps paid page faults for the encoder's large buffers
+depended on how the variants' allocations interleaved (40 ms a step, the overhead of DGR reading -8% to +12% for the
+same code). Prints a table and writes ``step_<device>.csv`` and
 ``step_<device>.png`` (time per step, when matplotlib is installed) to ``--out`` (default ``benchmarks/out``).
 """
 
@@ -29,7 +32,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import AdaTask, DummyHeads, DummyTask  # noqa: E402
-from dgr_fast.benchmarks import bar_plot, bench_parser, write_csv  # noqa: E402
+from dgr_fast.benchmarks import bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
 from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
 from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
 from dgr_fast.mtl.step import MTLStep  # noqa: E402
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = args.device
     if device == "cpu":
         torch.set_num_threads(args.threads)
+        malloc_mode(measure_memory=False)
     fused = {"cpu": "cpp", "cuda": "cuda"}[device]
     status = dgr_fast.available_backends()
     data = batch(args.batch, args.height, args.width, device)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import os
 import shlex
 import subprocess
@@ -37,6 +38,27 @@ import torch
 
 BENCHMARKS = ("dgr", "adatask", "step")
 DEVICES = ("cpu", "cuda")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
+
+
+def malloc_mode(measure_memory: bool) -> None:
+    """Set glibc's allocator for a memory measurement or for a timing.
+
+    Memory: blocks of 64 KiB and more are served with mmap, so freeing one returns it to the system and the resident
+    set follows live memory (the same as ``MALLOC_MMAP_THRESHOLD_=65536``, applied in the running process). Timing:
+    blocks of up to 32 MiB stay on the heap and freed memory is kept, which is where glibc's own dynamic threshold
+    settles in a training loop once such a block has been freed; with the memory setting every large block would pay
+    a fresh mmap and its page faults. A threshold the caller put in the environment is left alone for both.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    mmap_threshold, trim_threshold = (64 << 10, 128 << 10) if measure_memory else (32 << 20, 64 << 20)
+    if not hasattr(LIBC, "mallopt") or LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
+        print("# warning: could not set glibc's mmap threshold (not glibc?): its default stays, and a peak-memory "
+              "column may read low")
+        return
+    LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def benchmarks_dir() -> Path:
