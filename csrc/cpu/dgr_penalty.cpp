@@ -577,7 +577,8 @@ at::Tensor backward_impl(Problem<T> pr, const at::Tensor& z3, const at::Tensor& 
   pr.A1 = A1.data();
   pr.bias1 = bias1.data();
   pr.A2 = A2.data();
-  at::Tensor dz3 = stash.defined() ? stash : at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dz3 =
+      stash.defined() ? stash : at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
   if (stash.defined()) pr.stash = dz3.data_ptr<T>();
   const void* z = z3.data_ptr();
   void* dz = dz3.data_ptr();
@@ -594,17 +595,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgr_penal
               "has_bias need ", losses.size(), " entries each, got ", per_row.size(), " and ", has_bias.size());
   for (const int64_t k : per_row) TORCH_CHECK(k >= 1, "dgr_penalty (cpp): per_row entries must be >= 1, got ", k);
   if (z3.scalar_type() == at::kDouble)
-    return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets), z3, weight,
-                        bias, has_bias, per_row, stash);
-  return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets), z3, weight,
-                      bias, has_bias, per_row, stash);
+    return forward_impl(make_problem<double>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets),
+                        z3, weight, bias, has_bias, per_row, stash);
+  return forward_impl(make_problem<float>(z3, targets, masks, ignore_index, nullptr, nullptr, losses, col_offsets), z3,
+                      weight, bias, has_bias, per_row, stash);
 }
 
 // stash: undefined, or the forward's (checked here as far as it can be: it must hold the logits of this z3).
 at::Tensor backward_op(const at::Tensor& stash, const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias,
                        at::TensorList targets, const c10::List<std::optional<at::Tensor>>& masks,
                        at::IntArrayRef ignore_index, const at::Tensor& scales, const at::Tensor& grad,
-                       const at::Tensor& g_w, const at::Tensor& g_b, at::IntArrayRef losses, at::IntArrayRef col_offsets) {
+                       const at::Tensor& g_w, const at::Tensor& g_b, at::IntArrayRef losses,
+                       at::IntArrayRef col_offsets) {
   const auto acc = check_args(z3, weight, bias, targets, masks, ignore_index, losses, col_offsets);
   check_tensor(scales, "scales", acc, {int64_t(losses.size())}, true);
   check_tensor(grad, "grad", acc, {int64_t(losses.size())}, false);
@@ -619,8 +621,8 @@ at::Tensor backward_op(const at::Tensor& stash, const at::Tensor& z3, const at::
   if (z3.scalar_type() == at::kDouble)
     return backward_impl(make_problem<double>(z3, targets, masks, ignore_index, &scales, &grad, losses, col_offsets), z3,
                          weight, bias, grad, g_w, g_b, stash);
-  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, &grad, losses, col_offsets), z3, weight,
-                       bias, grad, g_w, g_b, stash);
+  return backward_impl(make_problem<float>(z3, targets, masks, ignore_index, &scales, &grad, losses, col_offsets), z3,
+                       weight, bias, grad, g_w, g_b, stash);
 }
 
 at::Tensor dgr_penalty_bwd(const at::Tensor& z3, const at::Tensor& weight, const at::Tensor& bias, at::TensorList targets,
