@@ -378,8 +378,10 @@ def test_reads_targets_and_masks_in_place_in_any_layout():
 @pytest.mark.skipif(os.environ.get("DGR_FAST_CPU_BASELINE") is not None, reason="already running the baseline copy")
 def test_baseline_copy():
     # The kernels are compiled twice (AVX2+FMA, and a baseline for other CPUs); on an AVX2 machine only the first runs
-    # unless forced. Run the direct-call tests (every dtype and layout) again on the baseline copy.
+    # unless forced. Run the direct-call tests (every dtype and layout), the stash and zero-dR ones again on the
+    # baseline copy (its 4-lane horizontal sums must keep the stashed logits bit-exact too).
     env = dict(os.environ, DGR_FAST_CPU_BASELINE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "direct_call or rows_without or in_place or class_indices"]
+    tests = "direct_call or rows_without or in_place or class_indices or stash or leaves_out"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
