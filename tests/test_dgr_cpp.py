@@ -18,6 +18,7 @@ try:
     importlib.import_module("dgr_fast._C")
     FWD, BWD = torch.ops.dgr_fast_cpu.dgr_penalty_fwd, torch.ops.dgr_fast_cpu.dgr_penalty_bwd
     BWD_STASHED = torch.ops.dgr_fast_cpu.dgr_penalty_bwd_stashed
+    BWD_EITHER = dp._kernels("cpp")[1]  # BWD given no stash, else BWD_STASHED into it (returned)
 except (ImportError, AttributeError, RuntimeError) as exc:  # not built, built against another torch, or without the ops
     pytest.skip(f"the C++ extension dgr_fast._C with the dgr_penalty ops is not available: {exc}", allow_module_level=True)
 
@@ -130,13 +131,8 @@ def _direct(p, gt_seed=0, stash=False):
     rand_w = torch.randn(p.weight.shape, generator=gen, dtype=p.weight.dtype)
     rand_b = torch.randn(p.bias.shape, generator=gen, dtype=p.weight.dtype)
     grad = torch.randn(len(p.losses), generator=gen, dtype=p.weight.dtype)
-    args = (p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta)
-    if kept is None:
-        _poison(p.z3)
-        dz = BWD(*args)
-    else:
-        BWD_STASHED(kept, *args)
-        dz = kept
+    _poison(p.z3)
+    dz = BWD_EITHER(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta, kept)
     z = p.z3.to(p.weight.dtype)
     y, omega, y_offsets = p.rows
     ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
@@ -223,11 +219,7 @@ def test_the_backward_leaves_out_tasks_whose_grad_is_zero(shape, layout, stash):
     grad = torch.tensor([1.5, 0.0, -0.7, 0.0])
 
     def backward(grad, stash):
-        args = (p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, g_w, g_b, *meta)
-        if stash is None:
-            return BWD(*args)
-        BWD_STASHED(stash, *args)
-        return stash
+        return BWD_EITHER(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, g_w, g_b, *meta, stash)
 
     keep = [0, 2]
     sub = dp.pack(case["features"], [case["weights"][t] for t in keep], [case["biases"][t] for t in keep],
