@@ -455,11 +455,10 @@ Problem<T> make_problem(const at::Tensor& z3, at::TensorList targets, const c10:
   return pr;
 }
 
-// A stash is possible where z3 is the accumulation dtype (the logits are kept exactly) and a row's C logits fit in
-// its D channels.
-template <typename T>
-bool can_stash(const Problem<T>& pr) {
-  return pr.same && pr.C <= pr.D;
+// A stash is possible where z3 is the accumulation dtype acc (the logits are kept exactly) and a row's `columns`
+// logits fit in its D channels.
+bool can_stash(const at::Tensor& z3, at::ScalarType acc, int64_t columns) {
+  return z3.scalar_type() == acc && columns <= z3.size(1);
 }
 
 // Returns (R, G_W, G_b, scales, stash): scales[t] = 1 / max(n_t, 1), n_t = task t's valid rows times per_row[t]
@@ -480,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_i
   pr.A2 = nullptr;
   pr.M1 = C;
   at::Tensor kept;
-  if (stash && can_stash(pr)) {
+  if (stash && can_stash(z3, weight.scalar_type(), C)) {
     kept = at::empty(z3.sizes(), z3.options().memory_format(at::MemoryFormat::Contiguous));
     pr.stash = kept.data_ptr<T>();
   }
@@ -613,7 +612,7 @@ at::Tensor backward_op(const at::Tensor& stash, const at::Tensor& z3, const at::
   check_tensor(g_w, "g_w", acc, weight.sizes(), false);
   check_tensor(g_b, "g_b", acc, bias.sizes(), false);
   if (stash.defined()) {
-    TORCH_CHECK(z3.scalar_type() == acc && col_offsets.back() <= z3.size(1), "dgr_penalty (cpp): a stash needs ",
+    TORCH_CHECK(can_stash(z3, acc, col_offsets.back()), "dgr_penalty (cpp): a stash needs ",
                 "float32/float64 features with at least as many channels as logit columns (the forward returns none ",
                 "otherwise)");
     check_tensor(stash, "stash", acc, z3.sizes(), true);
