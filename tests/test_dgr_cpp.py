@@ -135,9 +135,9 @@ def _direct(p, gt_seed=0, stash=False):
     dz = BWD_EITHER(p.z3, p.weight, p.bias, p.targets, p.masks, p.ignore_index, scales, grad, rand_w, rand_b, *meta, kept)
     z = p.z3.to(p.weight.dtype)
     y, omega, y_offsets = p.rows
-    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
+    ref_w, ref_b = dp._torch_gradients(z, p.weight, p.bias, p.bias_mask, y, p.labels, omega, p.losses, p.col_offsets, y_offsets)
     scale = dp.row_scale(grad, p.col_offsets)
-    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, y, omega, scale[:, None] * rand_w, scale * rand_b, p.losses,
+    ref_dz = dp._torch_features_grad(z, p.weight, p.bias, y, p.labels, omega, scale[:, None] * rand_w, scale * rand_b, p.losses,
                                      p.col_offsets, y_offsets)
     return (penalties, g_w, g_b, dz), (dp.task_penalties(ref_w, ref_b, p.col_offsets), ref_w, ref_b, ref_dz)
 

@@ -202,9 +202,9 @@ def _bwd_args(p: dp.Packed, gt_w: torch.Tensor, gt_b: torch.Tensor) -> tuple:
 def _spec(p: dp.Packed, gt_w: torch.Tensor, gt_b: torch.Tensor):
     """`_torch_gradients` (raw G_b: bias mask of ones) and `_torch_features_grad` in fp64."""
     f = lambda t: t.double()  # noqa: E731
-    args = (f(p.rows.y), f(p.rows.omega), p.losses, p.col_offsets, p.rows.y_offsets)
+    args = (f(p.rows.y), p.labels, f(p.rows.omega), p.losses, p.col_offsets, p.rows.y_offsets)
     g_w, g_b = dp._torch_gradients(f(p.z3), f(p.weight), f(p.bias), torch.ones_like(f(p.bias)), *args)
-    dz = dp._torch_features_grad(f(p.z3), f(p.weight), f(p.bias), f(p.rows.y), f(p.rows.omega), f(gt_w), f(gt_b), *args[2:])
+    dz = dp._torch_features_grad(f(p.z3), f(p.weight), f(p.bias), *args[:3], f(gt_w), f(gt_b), *args[3:])
     return g_w, g_b, dz
 
 

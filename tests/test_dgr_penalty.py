@@ -1,5 +1,6 @@
 """dgr_penalty: the closed-form `torch` backend against autograd double backward, checks, dispatch, DummyHeads."""
 
+import contextlib
 import math
 
 import pytest
@@ -241,12 +242,12 @@ def pretend_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("shape, expected", [
-    ((3, 17, 4096), "cuda"),      # the limits of dgr_penalty.cu on sm_90: D <= 4096 for every C <= 256
-    ((3, 256, 4096), "cuda"),
-    ((3, 17, 4800), "cuda"),      # 48 (4800 + 2 * 20) + 128 = 232448 bytes: exactly the budget
-    ((3, 17, 4801), "triton"),
-    ((33, 40, 64), "triton"),     # more than 32 tasks
-    ((2, 257, 64), "triton"),     # more than 256 columns
+    ((3, 17, 4096, 5), "cuda"),      # the limits of dgr_penalty.cu on sm_90: D <= 4096 for every C <= 256
+    ((3, 256, 4096, 5), "cuda"),
+    ((3, 17, 4800, 5), "cuda"),      # 48 (4800 + 2 * 20) + 128 = 232448 bytes: exactly the budget
+    ((3, 17, 4801, 5), "triton"),
+    ((33, 40, 64, 0), "triton"),     # more than 32 tasks
+    ((2, 257, 64, 0), "triton"),     # more than 256 columns
 ])
 def test_automatic_choice_passes_over_cuda_beyond_its_limits(pretend_gpu, shape, expected):
     cuda = torch.device("cuda")
@@ -455,3 +456,73 @@ def test_empty_batch_gives_zero(shape):
     for backend in ["reference", "torch"]:
         value, grad = penalty_and_grad(dgr_penalty, case, backend=backend)
         assert value == 0 and grad.shape == case["features"].shape
+
+
+
+FUSED = [pytest.param(name, marks=pytest.mark.skipif(not dgr_fast.available_backends()[name].available,
+                                                     reason=f"backend {name!r} is not available here"))
+         for name in ("cpp", "triton")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("op_path", ["eager", "custom_op"])
+def test_fused_second_derivative_raises_on_every_route(backend, op_path, monkeypatch):
+    """A second derivative through a fused backend must raise, never silently drop the penalty's term: with
+    ``torch.autograd.grad(..., inputs=z)`` torch prunes an error node that hangs off a detached copy (as
+    ``once_differentiable``'s does), and returned 2 z alone for ``(z ** 2).sum() + penalty``."""
+    if op_path == "custom_op":  # the torch.library op pair that torch.compile traces, run eagerly
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    case = make_case((7, 5), dtype=torch.float64, seed=21)
+    x = case["features"].clone().requires_grad_(True)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+
+    def total(z, task_weights=None, backend=backend):
+        return (z**2).sum() + dgr_penalty(**{**case, "features": z}, task_weights=task_weights, backend=backend)
+
+    z = x * 1.0
+    (g,) = torch.autograd.grad(total(z), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        torch.autograd.grad(g.sum(), z)  # the route that was pruned
+    (g,) = torch.autograd.grad(total(x * 1.0), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        torch.autograd.grad(g.sum(), x)  # through the op that made the features
+    (g,) = torch.autograd.grad(total(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        g.sum().backward()
+    (g,) = torch.autograd.grad(total(x, task_weights=w), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        torch.autograd.grad(g.sum(), w)  # through the incoming gradient w_k^2
+    # create_graph=True alone is fine: the first derivative is the value torch gives
+    (first,) = torch.autograd.grad(total(x), x, create_graph=True)
+    (want,) = torch.autograd.grad(total(x, backend="torch"), x)
+    torch.testing.assert_close(first.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_kernels_take_no_fp32_ce_head_beyond_exact_class_indices(pretend_gpu):
+    """The fused kernels stage "ce" class indices in the accumulation dtype: refused past 2^24 classes in fp32."""
+    cuda, wide = torch.device("cuda"), (2, 2**24 + 2, 1, 2**24 + 1)
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        assert pretend_gpu._resolve(cuda, torch.float32, None, wide) == "torch"
+    with pytest.raises(RuntimeError, match="class indices in fp32"):
+        pretend_gpu._resolve(cuda, torch.float32, "triton", wide)
+    assert pretend_gpu._resolve(cuda, torch.float64, "triton", wide) == "triton"  # exact in fp64
+    assert pretend_gpu._resolve(cuda, torch.float32, "triton", (2, 2**24 + 2, 1, 2**24)) == "triton"
+    if dgr_fast.available_backends()["cpp"].available:
+        with pytest.raises(RuntimeError, match="class indices in fp32"):
+            pretend_gpu._resolve(torch.device("cpu"), torch.float32, "cpp", wide)
+
+
+def test_torch_backend_reads_class_indices_above_2_24_exactly():
+    """A class index that fp32 cannot hold (2^24 + 1 rounds to 2^24) must hit its own class: it travelled as fp32
+    once, and the penalty came out 4.0 instead of ~1e-11."""
+    classes = 2**24 + 2
+    z = torch.ones(1, 1)
+    weight = torch.zeros(classes, 1)
+    weight[2**24 + 1] = 30.0  # that class's logit dominates: p is one-hot on it, the residual ~0
+    target = torch.tensor([2**24 + 1])
+    with pytest.warns(RuntimeWarning, match="class indices in fp32") if dgr_fast.available_backends()["cpp"].available \
+            else contextlib.nullcontext():
+        assert dgr_penalty(z, [weight], None, [target], "ce") < 1e-6  # automatic: cpp passed over, torch runs
+    assert dgr_penalty(z, [weight], None, [target], "ce", backend="torch") < 1e-6
+    weight[2**24 + 1], weight[2**24] = 0.0, 30.0  # and the neighbour fp32 confuses it with: a large penalty
+    assert dgr_penalty(z, [weight], None, [target], "ce", backend="torch") > 1.0

@@ -211,7 +211,7 @@ def test_segment_softmax_is_stable_with_large_logits():
     problem.weights[2] = problem.weights[2] * 300  # sigmoid saturates to 0 / 1 without NaN
     p = problem.packed()
     g_w, g_b = kernels.forward(p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
-    ref_w, ref_b = op._torch_gradients(p.z3, p.weight, p.bias, torch.ones_like(p.bias), p.rows.y, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
+    ref_w, ref_b = op._torch_gradients(p.z3, p.weight, p.bias, torch.ones_like(p.bias), p.rows.y, p.labels, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
     assert_close(g_w, ref_w, 1e-11, "G_W")
     assert_close(g_b, ref_b, 1e-11, "G_b")
 
@@ -226,14 +226,14 @@ def test_kernels_called_directly_match_the_torch_spec(layout):
         mask.view(-1)[:5] = False
     p = problem.packed()
     g_w, g_b = kernels.forward(p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
-    ref_w, ref_b = op._torch_gradients(p.z3, p.weight, p.bias, torch.ones_like(p.bias), p.rows.y, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
+    ref_w, ref_b = op._torch_gradients(p.z3, p.weight, p.bias, torch.ones_like(p.bias), p.rows.y, p.labels, p.rows.omega, p.losses, p.col_offsets, p.rows.y_offsets)
     assert g_w.dtype == g_b.dtype == torch.float32
     assert_close(g_w, ref_w, 2e-5, "G_W")
     assert_close(g_b, ref_b, 2e-5, "G_b")
     gt_w = torch.randn(p.weight.shape, generator=gen).to(DEVICE)
     gt_b = torch.randn(p.bias.shape, generator=gen).to(DEVICE)
     dz = kernels.backward(p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, gt_w, gt_b, p.losses, p.col_offsets, p.rows.y_offsets)
-    ref = op._torch_features_grad(p.z3, p.weight, p.bias, p.rows.y, p.rows.omega, gt_w, gt_b, p.losses, p.col_offsets, p.rows.y_offsets)
+    ref = op._torch_features_grad(p.z3, p.weight, p.bias, p.rows.y, p.labels, p.rows.omega, gt_w, gt_b, p.losses, p.col_offsets, p.rows.y_offsets)
     assert dz.is_contiguous() and dz.dtype == p.z3.dtype
     assert_close(dz, ref, 2e-5, "dz")
     # Rows where no task is valid get exactly 0.

@@ -22,8 +22,9 @@ and bad class indices in their forward pass; they also sum ``R_t`` and scale ``G
 code finds validity with torch ops (``row_validity``, ``Packed.validity``) and reads the problem packed into rows
 (``pack_rows``, ``R = B * P`` rows in ``(b, p)`` order):
 
-- ``y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid), other losses
-  ``C_k`` columns (the targets).
+- ``y [R, Cy]``: per task, ``"ce"`` one column (the class index as a float, 0 where invalid; exact below 2^24
+  classes in fp32, so the fused kernels, which stage the index the same way, take no larger "ce" head in fp32, and
+  the ``torch`` backend reads ``Packed.labels`` instead), other losses ``C_k`` columns (the targets).
 - ``omega [R, T]``: ``valid_it * scales[t]``.
 - ``losses`` (codes, ``LOSS_CODES``), ``col_offsets`` ``[T+1]`` into ``C``, ``y_offsets`` ``[T+1]`` into ``Cy``.
 
@@ -93,6 +94,14 @@ class Packed:
     def rows(self) -> Rows:
         """The row-major layout of ``pack_rows``, built on first use."""
         return pack_rows(self.z3, self.targets, *self.validity, self.losses)
+
+    @cached_property
+    def labels(self) -> list[Tensor | None]:
+        """Per task: ``"ce"`` class indices as int64 rows ``[R]`` (0 where invalid), else None. The ``torch``
+        backend reads these rather than ``Rows.y``, whose float copy of an index is exact only below 2^24 (fp32)."""
+        valid = self.validity[0]
+        return [torch.where(v, t, 0).reshape(-1) if code == LOSS_CODES["ce"] else None
+                for code, t, v in zip(self.losses, self.targets, valid)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,15 +291,17 @@ def _task_columns(losses: Sequence[int], col_offsets: Sequence[int], y_offsets: 
         yield t, code, col_offsets[t], col_offsets[t + 1], y_offsets[t]
 
 
-def _residual_rows(s: Tensor, y: Tensor, omega: Tensor, losses, col_offsets, y_offsets, u: Tensor | None = None) -> Tensor:
-    """``r = omega * dl/ds`` (``u is None``) or ``omega * H u`` for the rows ``s [R, C]``; ``y``/``omega`` packed."""
+def _residual_rows(s: Tensor, y: Tensor, labels: Sequence[Tensor | None], omega: Tensor, losses, col_offsets, y_offsets,
+                   u: Tensor | None = None) -> Tensor:
+    """``r = omega * dl/ds`` (``u is None``) or ``omega * H u`` for the rows ``s [R, C]``; ``y``/``omega`` packed,
+    ``labels`` as ``Packed.labels`` (the class indices of ``"ce"`` tasks; their ``y`` column is not read)."""
     out = []
     for t, code, c0, c1, y0 in _task_columns(losses, col_offsets, y_offsets):
         seg = s[:, c0:c1]
         if code == LOSS_CODES["ce"]:
             p = torch.softmax(seg, dim=1)
             if u is None:
-                onehot = torch.nn.functional.one_hot(y[:, y0].long(), c1 - c0).to(seg.dtype)
+                onehot = torch.zeros_like(seg).scatter_(1, labels[t][:, None], 1.0)
                 val = p - onehot
             else:
                 us = u[:, c0:c1]
@@ -331,21 +342,21 @@ def _rows_to_features(x: Tensor, m: Tensor, z3: Tensor) -> Tensor:
     return torch.matmul(m.transpose(0, 1), x.view(z3.shape[0], z3.shape[2], x.shape[1]).transpose(1, 2))
 
 
-def _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets) -> tuple[Tensor, Tensor]:
+def _torch_gradients(z3, weight, bias, bias_mask, y, labels, omega, losses, col_offsets, y_offsets) -> tuple[Tensor, Tensor]:
     """Pass 1: ``(G_W [C, D], G_b [C])``."""
     z = z3.to(weight.dtype)
-    r = _residual_rows(_head_rows(z, weight) + bias, y, omega, losses, col_offsets, y_offsets)
+    r = _residual_rows(_head_rows(z, weight) + bias, y, labels, omega, losses, col_offsets, y_offsets)
     return _rows_times_z(r, z), r.sum(0) * bias_mask
 
 
-def _torch_features_grad(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets) -> Tensor:
+def _torch_features_grad(z3, weight, bias, y, labels, omega, gt_w, gt_b, losses, col_offsets, y_offsets) -> Tensor:
     """Pass 2: ``dz3 [B, D, P]`` from the row-scaled gradients ``Gt_W, Gt_b``."""
     z = z3.to(weight.dtype)
     c = weight.shape[0]
     s_u = _head_rows(z, torch.cat([weight, gt_w]))
     s, u = s_u[:, :c] + bias, 2 * (s_u[:, c:] + gt_b)
-    r = _residual_rows(s, y, omega, losses, col_offsets, y_offsets)
-    hu = _residual_rows(s, y, omega, losses, col_offsets, y_offsets, u=u)
+    r = _residual_rows(s, y, labels, omega, losses, col_offsets, y_offsets)
+    hu = _residual_rows(s, y, labels, omega, losses, col_offsets, y_offsets, u=u)
     return _rows_to_features(torch.cat([r, hu], 1), torch.cat([2 * gt_w, weight]), z).to(z3.dtype)
 
 
@@ -362,22 +373,26 @@ def row_scale(grad: Tensor, col_offsets: Sequence[int]) -> Tensor:
 
 class _TorchPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets):
-        g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets)
-        ctx.save_for_backward(z3, weight, bias, bias_mask, y, omega, g_w, g_b)
-        ctx.meta = (losses, col_offsets, y_offsets)
+    def forward(ctx, z3, weight, bias, bias_mask, y, labels, omega, losses, col_offsets, y_offsets):
+        g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, labels, omega, losses, col_offsets, y_offsets)
+        present = [t for t in labels if t is not None]
+        ctx.save_for_backward(z3, weight, bias, bias_mask, y, omega, g_w, g_b, *present)
+        ctx.meta = (losses, col_offsets, y_offsets, [t is not None for t in labels])
         return task_penalties(g_w, g_b, col_offsets)
 
     @staticmethod
     def backward(ctx, grad):
-        z3, weight, bias, bias_mask, y, omega, g_w, g_b = ctx.saved_tensors
-        losses, col_offsets, y_offsets = ctx.meta
+        z3, weight, bias, bias_mask, y, omega, g_w, g_b, *present = ctx.saved_tensors
+        losses, col_offsets, y_offsets, has_labels = ctx.meta
+        it = iter(present)
+        labels = [next(it) if has else None for has in has_labels]
         if torch.is_grad_enabled():
             # create_graph: G depends on z, so recompute it in the graph for the second derivative to see that.
-            g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, omega, losses, col_offsets, y_offsets)
+            g_w, g_b = _torch_gradients(z3, weight, bias, bias_mask, y, labels, omega, losses, col_offsets, y_offsets)
         scale = row_scale(grad, col_offsets)
-        dz3 = _torch_features_grad(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets)
-        return dz3, None, None, None, None, None, None, None, None
+        dz3 = _torch_features_grad(z3, weight, bias, y, labels, omega, scale[:, None] * g_w, scale * g_b, losses,
+                                   col_offsets, y_offsets)
+        return dz3, *([None] * 9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,8 +503,11 @@ def _(z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, lo
     return torch.empty_like(z3, memory_format=torch.contiguous_format)
 
 
-def _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, g_w, g_b, scales) -> None:
-    ctx.save_for_backward(z3, weight, bias, scales, g_w, g_b, *targets, *masks)
+def _save(ctx, graph_input, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, g_w, g_b,
+          scales) -> None:
+    """``graph_input``: the op's input that carries the features' graph (the features in eager mode, where ``z3`` is
+    detached; ``z3`` itself under torch.compile): a second derivative must see the backward depend on it."""
+    ctx.save_for_backward(graph_input, z3, weight, bias, scales, g_w, g_b, *targets, *masks)
     ctx.meta = (losses, col_offsets, ignore_index, backend)
 
 
@@ -497,7 +515,7 @@ def _features_grad(ctx, grad: Tensor, eager: bool) -> Tensor:
     """``dz3`` for the incoming ``grad [T]``: by ``_fused_bwd`` (torch.compile), or (eager) by the kernels directly,
     on the forward's stash if there is one, and in the features' shape. A stash serves one backward (it becomes dz3):
     a second one, after ``retain_graph=True``, recomputes the logits."""
-    z3, weight, bias, scales, g_w, g_b, *per_task = ctx.saved_tensors
+    graph_input, z3, weight, bias, scales, g_w, g_b, *per_task = ctx.saved_tensors
     losses, col_offsets, ignore_index, backend = ctx.meta
     targets, masks = per_task[: len(losses)], per_task[len(losses) :]
     args = (z3, weight, bias, targets, masks, ignore_index, scales, grad, g_w, g_b, losses, col_offsets)
@@ -511,16 +529,22 @@ def _features_grad(ctx, grad: Tensor, eager: bool) -> Tensor:
             dz3 = _kernels(backend)[1](*args, stash).resize_(ctx.features_shape)
         else:
             dz3 = _fused_bwd(*args, backend)
-    if torch.is_grad_enabled() and (grad.requires_grad or ctx.needs_input_grad[0]):
-        # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly
-        # rather than silently miss the kernel's dependence on z (as torch's once_differentiable does).
-        dz3 = _functions.DelayedError(_ONCE_DIFFERENTIABLE.format(backend).encode(), 1)(dz3.detach().requires_grad_())
+    if torch.is_grad_enabled():
+        # create_graph=True: the result is usable as a value, but differentiating it again must fail loudly rather
+        # than silently miss the kernel's dependence on z. torch's once_differentiable is not enough: its error node
+        # hangs off a detached copy, so autograd.grad(..., inputs=z) prunes it and returns the other terms alone.
+        # Here the node also takes the features (and the incoming gradient) as inputs, so every route from dz3 to
+        # them runs it and raises.
+        anchors = [t for t in (graph_input, grad) if t.requires_grad]
+        error = _functions.DelayedError(_ONCE_DIFFERENTIABLE.format(backend).encode(), 1 + len(anchors))
+        outputs = error(dz3.detach().requires_grad_(), *anchors)
+        dz3 = outputs[0] if anchors else outputs
     return dz3
 
 
 def _fused_setup_context(ctx, inputs, output):
     z3, weight, bias, _has_bias, targets, masks, ignore_index, _per_row, losses, col_offsets, backend = inputs
-    _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *output[1:])
+    _save(ctx, z3, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *output[1:])
     # The gradients must mirror how torch.library flattened the inputs: a list of tensors into its tensors, but a
     # list that holds a None (a task without a mask) as one argument.
     ctx.masks_flattened = all(m is not None for m in masks)
@@ -545,7 +569,7 @@ class _FusedPenalty(torch.autograd.Function):
                 backend):
         penalties, *saved, ctx.stash = _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index,
                                                             per_row, losses, col_offsets, ctx.needs_input_grad[0])
-        _save(ctx, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *saved)
+        _save(ctx, features, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, *saved)
         ctx.features_shape = features.shape
         return penalties
 
@@ -584,14 +608,26 @@ def _cuda_limit(device: torch.device, tasks: int, columns: int, width: int) -> s
     return None
 
 
-def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None, shape: tuple[int, int, int] | None) -> str:
-    """The backend for features of ``device``/``dtype``; with ``shape = (tasks, columns, width)``, an automatic choice
-    also passes over a backend whose kernels cannot take that problem (and a named one says so)."""
+# The fused kernels compare a "ce" column index with the class index staged in the accumulation dtype (Rows.y for
+# triton and cuda, the tile's copy for cpp): exact for every index up to 2^24 in fp32.
+FUSED_MAX_FP32_CLASSES = 2**24
+
+
+def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None,
+             shape: tuple[int, int, int, int] | None) -> str:
+    """The backend for features of ``device``/``dtype``; with ``shape = (tasks, columns, width, ce_classes)``
+    (``ce_classes``: the widest "ce" head, 0 without one), an automatic choice also passes over a backend whose
+    kernels cannot take that problem (and a named one says so)."""
     def probe(name: str) -> str | None:
         missing = _missing_kernels(name)
-        if missing or name != "cuda" or shape is None:
+        if missing or shape is None or name in ("torch", "reference"):
             return missing
-        return _cuda_limit(device, *shape)
+        if name == "cuda":
+            return _cuda_limit(device, *shape[:3])
+        if accumulation_dtype(dtype) == torch.float32 and shape[3] > FUSED_MAX_FP32_CLASSES:
+            return (f"a 'ce' head of {shape[3]} classes: its kernels carry class indices in fp32, exact up to "
+                    f"{FUSED_MAX_FP32_CLASSES} classes")
+        return None
 
     return resolve_backend("dgr_penalty", backend, device, dtype, IMPLEMENTED, DTYPES, probe)
 
@@ -621,7 +657,8 @@ def dgr_penalty_per_task(
     weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
         features, weights, biases, targets, losses, masks, ignore_index, reductions
     )
-    shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1])
+    ce_classes = max([w.shape[0] for w, loss in zip(weights, losses) if loss == "ce"], default=0)
+    shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1], ce_classes)
     name = _resolve(features.device, features.dtype, backend, shape)
     if name == "reference":
         codes = [LOSS_CODES[loss] for loss in losses]
@@ -634,7 +671,8 @@ def dgr_penalty_per_task(
     p = pack(features, weights, biases, targets, losses, masks, ignore_index, reductions)
     if name == "torch":
         y, omega, y_offsets = p.rows
-        return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, omega, p.losses, p.col_offsets, y_offsets)
+        return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, p.labels, omega, p.losses, p.col_offsets,
+                                   y_offsets)
     args = (p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
     if torch.compiler.is_compiling():
         return _fused_fwd(p.z3, *args)[0]
