@@ -92,37 +92,84 @@ def _per_task_grads(
 
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a tensor when mode='batched', got {type(features).__name__}")
-    if not features.requires_grad:
-        raise ValueError("features does not require grad: it must be computed from params (mode='batched')")
-    # dL_k/dfeatures for every task: K small backward passes through the heads only (the extra parameters ride along).
-    dz = torch.zeros(K, *features.shape, dtype=features.dtype, device=features.device)
+    if features.grad_fn is None:
+        raise ValueError("features must be computed from params (mode='batched'), but it "
+                         + ("is a leaf tensor" if features.requires_grad else "does not require grad"))
+    # A loss that reaches params other than through features (a weight penalty on the encoder, a head that reads an
+    # earlier layer) has a gradient the batched product cannot give: it takes a backward pass of its own, as in "loop".
+    direct = _reaches_around(losses, features, params)
+    batched = [k for k, loss in enumerate(losses) if loss.requires_grad and not direct[k]]
+    # dL_k/dfeatures for every task: small backward passes through the heads only (the extra parameters ride along).
+    dz = torch.empty(len(batched), *features.shape, dtype=features.dtype, device=features.device)
     for k, loss in enumerate(losses):
         if not loss.requires_grad:
+            out[k].zero_()
             continue
-        grads = torch.autograd.grad(loss, [features] + extra_params, retain_graph=True, allow_unused=True)
-        if grads[0] is not None:
-            dz[k] = grads[0]
-        for acc, g in zip(extra_sum, grads[1:]):
+        inputs = (params if direct[k] else [features]) + extra_params
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        if direct[k]:
+            write(k, grads[: len(params)])
+        else:
+            row = batched.index(k)
+            dz[row] = 0 if grads[0] is None else grads[0]
+        for acc, g in zip(extra_sum, grads[len(inputs) - len(extra_params) :]):
             if g is not None:
                 acc.add_(g)
-    step = K if chunk_size is None else chunk_size
-    for start in range(0, K, step):
-        stop = min(K, start + step)
-        last = stop == K
+    step = max(len(batched), 1) if chunk_size is None else chunk_size
+    for start in range(0, len(batched), step):
+        rows = batched[start : start + step]
+        last = start + step >= len(batched)
         grads = torch.autograd.grad(
             features,
             params,
-            grad_outputs=dz[start:stop],
+            grad_outputs=dz[start : start + len(rows)],
             retain_graph=retain_graph or not last,
             is_grads_batched=True,
             allow_unused=True,
         )
-        for piece, g in zip(out[start:stop].split(sizes, dim=1), grads):
-            if g is None:
-                piece.zero_()
-            else:
-                piece.copy_(g.reshape(stop - start, -1))
+        index = torch.tensor(rows, device=device)
+        for piece, g in zip(out.split(sizes, dim=1), grads):
+            piece.index_copy_(0, index, torch.zeros_like(piece[: len(rows)]) if g is None
+                              else g.reshape(len(rows), -1).to(piece.dtype))
     return out, extra_sum
+
+
+def _reaches_around(losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor]) -> list[bool]:
+    """Per loss: whether its graph reaches one of ``params`` by a path that does not pass through ``features``.
+
+    One walk over the graph above ``features`` for all losses (nodes are visited once); it stops at ``features``'
+    node, so for heads that read only ``features`` it sees the heads' small graphs alone."""
+    leaf_ids = {id(p) for p in params if p.grad_fn is None}
+    node_ids = {id(p.grad_fn) for p in params if p.grad_fn is not None}
+    stop = features.grad_fn
+    reaches: dict[int, bool] = {}
+    keep = []  # the nodes whose ids are keys of `reaches`, alive until the walk ends
+
+    def walk(root) -> bool:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            key = id(node)
+            if key in reaches and not expanded:
+                continue
+            if node is stop:
+                reaches[key] = False
+                continue
+            if id(getattr(node, "variable", None)) in leaf_ids or key in node_ids:
+                reaches[key] = True
+                keep.append(node)
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            if expanded:
+                reaches[key] = any(reaches[id(child)] for child in children)
+                keep.append(node)
+            else:
+                reaches.setdefault(key, False)  # a placeholder: the graph is a DAG, so no cycle reads it
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if id(child) not in reaches)
+        return reaches[id(root)]
+
+    return [loss.grad_fn is not None and walk(loss.grad_fn) for loss in losses]
 
 
 def per_task_grads(
@@ -140,7 +187,9 @@ def per_task_grads(
         params: tensors that require grad; P = their total number of elements. Row k of the result is
             ``cat([dL_k/dp.flatten() for p in params])``; a parameter a loss does not reach gets zeros.
         features: ``mode="batched"`` only: the tensor every task's head reads (e.g. ``[B, D]`` or ``[B, C, H, W]``).
-            The losses must depend on ``params`` only through it.
+            A loss that also reaches ``params`` another way (a weight penalty on them, a head reading an earlier
+            layer) is found by a walk over the graph above ``features`` and gets a backward pass of its own, so the
+            result always equals ``mode="loop"``'s.
         mode: ``"loop"``: K backward passes (what the AdaTask authors' code does). ``"batched"``: K small passes from
             each loss to ``features``, then one batched vector-Jacobian product through the encoder with the K
             stacked ``dL_k/dfeatures`` (``torch.autograd.grad(..., is_grads_batched=True)``).
