@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgr_fast import AdaTask, DummyHeads, DummyTask
-from dgr_fast.mtl.aggregators import IMTLG, MGDA, CAGrad, Mean
+from dgr_fast.mtl.aggregators import IMTLG, MGDA, CAGrad, GradDrop, Mean, NashMTL, PCGrad, Sum
 from dgr_fast.mtl.step import MTLStep
 from dgr_fast.mtl.weightings import DWA, EqualWeighting, UncertaintyWeighting
 
@@ -55,24 +55,93 @@ def test_weighting_with_dgr_is_one_backward_of_the_total(weighting):
     assert info["penalty"] > 0
 
 
-@pytest.mark.parametrize("aggregator", [Mean(), IMTLG(), MGDA(), CAGrad(c=0.4)])
+def per_task_matrix(losses, shared):
+    return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                        for loss in losses])
+
+
+def authors_dgr_step(encoder, heads, x, targets, dummy, lam, method):
+    """A hand-written copy of the DGR authors' step (LearningUnivforMTL, DGR_train.py) for a gradient method: one
+    backward per task with the heads' gradients accumulating, the method on the per-task gradients of the shared
+    parameters in its mean form, ``overwrite_grad`` (times K) for pcgrad / graddrop / cagrad, the gradient set as
+    computed for imtl, then ``param.grad += lambda * dR/dtheta``. The solvers are the library's (the authors' SLSQP
+    and Frank-Wolfe solve the same problems approximately); the trainer logic is theirs."""
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    z, losses = forward(encoder, heads, x, targets)
+    K = len(losses)
+    G = per_task_matrix(losses, shared)
+    mean_form = {"pcgrad": lambda: PCGrad(torch.Generator().manual_seed(5), reduction="mean"),
+                 "graddrop": lambda: GradDrop(generator=torch.Generator().manual_seed(5), reduction="mean"),
+                 "cagrad": lambda: CAGrad(0.4), "imtl": IMTLG}[method]()
+    g = mean_form(G)
+    if method != "imtl":
+        g = g * K  # overwrite_grad: "to match the sum loss"
+    dr = torch.autograd.grad(lam * dummy(z, targets), shared, retain_graph=True)
+    want_shared = [u.view_as(p) + d for u, p, d in zip(g.split([p.numel() for p in shared]), shared, dr)]
+    return want_shared + list(torch.autograd.grad(sum(losses), head_params))
+
+
+LIBRARY = {"pcgrad": lambda: PCGrad(torch.Generator().manual_seed(5)),
+           "graddrop": lambda: GradDrop(generator=torch.Generator().manual_seed(5)),
+           "cagrad": lambda: CAGrad(0.4), "imtl": IMTLG}
+
+
+@pytest.mark.parametrize("method", sorted(LIBRARY))
 @pytest.mark.parametrize("grad_mode", ["loop", "batched"])
-def test_aggregator_with_dgr_adds_lambda_dr_after_aggregation(aggregator, grad_mode):
+def test_aggregator_with_dgr_is_the_authors_step(method, grad_mode):
+    """The default scale ("authors"): DGR's gradient is added to the update at the scale the DGR code gives it;
+    for CAGrad that is K times its mean-scaled direction (DGR was K times too strong relative to CAGrad before)."""
     encoder, heads, x, targets, dummy = tiny(1)
     shared, head_params = list(encoder.parameters()), list(heads.parameters())
-    step = MTLStep(shared, head_params, frozen_sgd(shared + head_params), aggregator=aggregator, dummy_heads=dummy, dgr_lambda=0.7, grad_mode=grad_mode)
+    step = MTLStep(shared, head_params, frozen_sgd(shared + head_params), aggregator=LIBRARY[method](),
+                   dummy_heads=dummy, dgr_lambda=0.7, grad_mode=grad_mode)
     z, losses = forward(encoder, heads, x, targets)
     step.step(losses, features=z, dgr_targets=targets)
-    got_shared, got_heads = grads(shared), grads(head_params)
-
-    z, losses = forward(encoder, heads, x, targets)
-    G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses])
-    dgr = torch.autograd.grad(0.7 * dummy(z, targets), shared, retain_graph=True)
-    update = aggregator(G, torch.stack(losses).detach())
-    want_shared = [u.view_as(p) + d for u, p, d in zip(update.split([p.numel() for p in shared]), shared, dgr)]
-    want_heads = torch.autograd.grad(sum(losses), head_params)
-    for a, b in zip(got_shared + got_heads, want_shared + list(want_heads)):
+    got = grads(shared) + grads(head_params)
+    want = authors_dgr_step(encoder, heads, x, targets, dummy, 0.7, method)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# What each named scale multiplies the update by, K = 3 tasks: the DGR code's overwrite_grad (x K after the mean-scaled
+# pcgrad, graddrop, cagrad; imtl and nash-mtl as computed) and the MTL-SAM code's K for MGDA.
+K = 3
+FACTORS = {  # aggregator: (authors, sum, none)
+    "mean": (K, K, 1), "sum": (1, 1, 1), "pcgrad": (1, 1, 1), "pcgrad_mean": (K, K, 1), "graddrop": (1, 1, 1),
+    "cagrad": (K, K, 1), "imtl": (1, K, 1), "mgda": (K, K, 1), "nashmtl": (1, 1, 1),
+}
+AGGREGATORS = {
+    "mean": Mean, "sum": Sum, "pcgrad": lambda: PCGrad(torch.Generator().manual_seed(5)),
+    "pcgrad_mean": lambda: PCGrad(torch.Generator().manual_seed(5), reduction="mean"),
+    "graddrop": lambda: GradDrop(generator=torch.Generator().manual_seed(5)), "cagrad": lambda: CAGrad(0.4),
+    "imtl": IMTLG, "mgda": MGDA, "nashmtl": NashMTL,
+}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+@pytest.mark.parametrize("scale", ["authors", "sum", "none", 2.5])
+def test_aggregator_scale_options(name, scale):
+    encoder, heads, x, targets, dummy = tiny(6)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    step = MTLStep(shared, head_params, frozen_sgd(shared + head_params), aggregator=AGGREGATORS[name](),
+                   dummy_heads=dummy, dgr_lambda=0.4, aggregator_scale=scale)
+    z, losses = forward(encoder, heads, x, targets)
+    step.step(losses, features=z, dgr_targets=targets)
+    got = grads(shared)
+    factor = scale if isinstance(scale, float) else FACTORS[name][("authors", "sum", "none").index(scale)]
+    z, losses = forward(encoder, heads, x, targets)
+    update = AGGREGATORS[name]()(per_task_matrix(losses, shared), torch.stack(losses).detach())
+    dr = torch.autograd.grad(0.4 * dummy(z, targets), shared)
+    for a, u, p, d in zip(got, update.split([p.numel() for p in shared]), shared, dr):
+        torch.testing.assert_close(a, factor * u.view_as(p) + d)
+
+
+@pytest.mark.parametrize("scale", ["mean", 0.0, -1.0, float("inf"), True])
+def test_bad_aggregator_scale(scale):
+    encoder, heads, *_ = tiny(7)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    with pytest.raises(ValueError, match="aggregator_scale"):
+        MTLStep(shared, head_params, frozen_sgd(shared + head_params), aggregator=Mean(), aggregator_scale=scale)
 
 
 def test_dgr_adds_exactly_lambda_dr_dtheta():

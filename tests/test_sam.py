@@ -116,11 +116,24 @@ def test_rho_zero_reduces_to_the_aggregator(factory):
     G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared_params, retain_graph=True)])
                      for l in losses])
     head_grads = [torch.autograd.grad(l, list(h.parameters()), retain_graph=True) for l, h in zip(losses, model.heads)]
-    shared, heads = grads_after_step(model, sam_of(model, factory(), 0.0, True), closure_for(model, x, ys))
+    shared, heads = grads_after_step(model, sam_of(model, factory(), 0.0, True, aggregator_scale="none"),
+                                     closure_for(model, x, ys))
     torch.testing.assert_close(shared, factory()(G), rtol=1e-12, atol=1e-14)
     for got, want in zip(heads, head_grads):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("factory, factor", [
+    (MGDA, K),  # the MTL-SAM code: param.grad = sum(sol_h h + sol_g g) * N_TASKS
+    (lambda: CAGrad(0.4), 1),  # its CAGrad update is set as computed (mean scale, / (1 + c^2))
+    (lambda: PCGrad(torch.Generator().manual_seed(3), reduction="mean"), K),  # its PCGrad sums
+], ids=["mgda", "cagrad", "pcgrad_mean"])
+def test_default_scale_is_the_mtl_sam_authors(factory, factor):
+    model, x, ys = make(seed=4)
+    expected_shared, _ = hand_step(model, x, ys, factory, rho=0.3, adaptive=True)
+    shared, _ = grads_after_step(model, sam_of(model, factory(), 0.3, True), closure_for(model, x, ys))
+    torch.testing.assert_close(shared, factor * expected_shared, rtol=1e-10, atol=1e-12)
 
 
 def test_batchnorm_statistics_only_see_the_unperturbed_forward():

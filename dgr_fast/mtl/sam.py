@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dgr_fast.dummy_heads import DummyHeads
 from dgr_fast.mtl.aggregators import Aggregator, Sum
 from dgr_fast.mtl.grads import per_task_grads
+from dgr_fast.mtl.scales import aggregator_scale, check_scale
 
 __all__ = ["TaskSAM", "frozen_batchnorm_stats"]
 
@@ -54,7 +55,8 @@ class TaskSAM:
     ``L_k`` (``g_k^SAM``), move back. The perturbation is ``e_k = rho w^2 g_k / |w g_k|`` (``adaptive=True``, the
     authors' default) or ``rho g_k / |g_k|``, the shared and head parts normalised separately; a zero gradient gives
     no perturbation. BatchNorm running statistics are left as stage 1 set them (``frozen_batchnorm_stats``).
-    Update: shared ``.grad = Agg(g_1..g_K) + Agg(h_1..h_K)`` with the flat directions ``h_k = g_k^SAM - g_k``
+    Update: shared ``.grad = s (Agg(g_1..g_K) + Agg(h_1..h_K))`` with the flat directions ``h_k = g_k^SAM - g_k``
+    and ``s`` the factor of ``aggregator_scale`` (``"authors"``: the MTL-SAM code's, K for MGDA)
     (+ ``lambda dR/dtheta`` with DGR, the penalty taken at the unperturbed point, added after the aggregation as the
     DGR code does), head k's ``.grad = its g_k^SAM``; then ``optimizer.step()``. Cost: K + 1 forwards, 2K backwards
     (2K + 1 with DGR).
@@ -71,6 +73,7 @@ class TaskSAM:
         rho: the neighbourhood radius (the authors: 2 with the adaptive form on NYUv2, Cityscapes and CelebA).
         adaptive: the adaptive (ASAM) form of the perturbation.
         dummy_heads, dgr_lambda: DGR's dummy heads and weight (the closure must then return the features too).
+        aggregator_scale: ``"authors"`` (default), ``"sum"``, ``"none"`` or a number (``dgr_fast.mtl.scales``).
 
     Deviations: the authors' scripts differ in whether shared and head parts are normalised separately (one of
     them normalises jointly); this class normalises them separately, as the paper. Their MGDA variant (the min-norm
@@ -90,7 +93,9 @@ class TaskSAM:
         adaptive: bool = True,
         dummy_heads: DummyHeads | None = None,
         dgr_lambda: float = 0.0,
+        aggregator_scale: str | float = "authors",
     ) -> None:
+        check_scale(aggregator_scale)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if aggregator is not None and not isinstance(aggregator, Aggregator):
@@ -114,6 +119,7 @@ class TaskSAM:
         self.aggregator = Sum() if aggregator is None else aggregator
         self.rho, self.adaptive = float(rho), bool(adaptive)
         self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
+        self.aggregator_scale = aggregator_scale
 
     def _perturbation(self, grad: Tensor, weights: Tensor) -> Tensor:
         """``e`` for one parameter group: flat ``grad`` and the group's flat parameter values ``weights``."""
@@ -190,6 +196,9 @@ class TaskSAM:
 
         loss_values = torch.stack([x.detach() for x in losses])
         update = self.aggregator(g_shared, loss_values) + self.aggregator(sam_shared - g_shared, loss_values)
+        factor = aggregator_scale(self.aggregator, K, self.aggregator_scale, "sam")
+        if factor != 1.0:
+            update = update * factor
         if penalty is not None:
             update = update + grads[K, : bounds[1]]
         for p, g in zip(self.shared, update.split(sizes[0])):

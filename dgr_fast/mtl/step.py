@@ -14,6 +14,7 @@ from torch import Tensor
 from dgr_fast.dummy_heads import DummyHeads
 from dgr_fast.mtl.aggregators import Aggregator
 from dgr_fast.mtl.grads import MODES, _check_losses, _per_task_grads
+from dgr_fast.mtl.scales import aggregator_scale, check_scale
 from dgr_fast.mtl.weightings import EqualWeighting, Weighting
 from dgr_fast.optim.adatask import AdaTask
 
@@ -25,9 +26,11 @@ class MTLStep:
 
     - a loss ``weighting`` (equal, DWA, uncertainty, RLW): one backward of ``weighting(losses) + lambda R``;
     - a gradient ``aggregator`` (PCGrad, CAGrad, IMTL-G, MGDA, GradDrop, Nash-MTL): per-task gradients ``G [K, P]``
-      of the shared parameters, shared ``.grad = aggregator(G) + lambda dR/dtheta``, and each head's ``.grad`` the
-      gradient of ``sum_k L_k``. The penalty's gradient rides along as one more row of the same per-task
-      computation (one more backward in ``grad_mode="loop"``, one more row of the batched VJP in ``"batched"``);
+      of the shared parameters, shared ``.grad = s * aggregator(G) + lambda dR/dtheta`` with ``s`` the factor of
+      ``aggregator_scale`` (``"authors"``: the DGR code's, e.g. K for CAGrad, whose update has the scale of the mean
+      loss), and each head's ``.grad`` the gradient of ``sum_k L_k``. The penalty's gradient rides along as one more
+      row of the same per-task computation (one more backward in ``grad_mode="loop"``, one more row of the batched
+      VJP in ``"batched"``);
     - an ``AdaTask`` optimizer: per-task gradients go to its per-task moments; DGR's penalty splits over tasks
       (``R = sum_k R_k``), so task k's loss becomes ``w_k L_k + lambda R_k``.
 
@@ -38,6 +41,8 @@ class MTLStep:
         weighting / aggregator: at most one; neither means equal weighting.
         dummy_heads: ``DummyHeads`` for DGR (``None``: no penalty); ``dgr_lambda``: its weight lambda.
         grad_mode, chunk_size: how per-task gradients are taken (see ``dgr_fast.mtl.per_task_grads``).
+        aggregator_scale: ``"authors"`` (default), ``"sum"``, ``"none"`` or a number: what the aggregator's update
+            is multiplied by before DGR's gradient is added (``dgr_fast.mtl.scales``).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class MTLStep:
         dgr_lambda: float = 0.0,
         grad_mode: str = "loop",
         chunk_size: int | None = None,
+        aggregator_scale: str | float = "authors",
     ) -> None:
         if weighting is not None and aggregator is not None:
             raise ValueError("give a weighting or an aggregator, not both")
@@ -67,6 +73,7 @@ class MTLStep:
             raise ValueError(f"dgr_lambda must be a number >= 0, got {dgr_lambda!r}")
         if grad_mode not in MODES:
             raise ValueError(f"grad_mode must be one of {MODES}, got {grad_mode!r}")
+        check_scale(aggregator_scale)
         self.shared_params = [p for p in shared_params]
         self.task_params = [p for p in task_params]
         if not self.shared_params:
@@ -75,6 +82,7 @@ class MTLStep:
         self.weighting = weighting if weighting is not None or aggregator is not None else EqualWeighting()
         self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
         self.grad_mode, self.chunk_size = grad_mode, chunk_size
+        self.aggregator_scale = aggregator_scale
 
     def step(
         self,
@@ -138,6 +146,9 @@ class MTLStep:
         grads, head_grads = _per_task_grads(rows, shared, features, self.grad_mode, False, self.chunk_size, heads)
         k = len(losses)
         update = self.aggregator(grads[:k], torch.stack([loss.detach() for loss in losses]))
+        factor = aggregator_scale(self.aggregator, k, self.aggregator_scale, "dgr")
+        if factor != 1.0:
+            update = update * factor
         if penalty is not None:
             update = update + grads[k]  # after the method's own gradient, as the DGR authors' code
         for p, g in zip(shared, update.split([p.numel() for p in shared])):
