@@ -29,17 +29,34 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "nyuv2": {"epochs": 10, "batch_size": 4, "lr": 1e-4, "dgr": 0.1},
     "utkface": {"epochs": 10, "batch_size": 64, "lr": 1e-5, "dgr": 1e-6},
 }
-# Options some data sets take: --flag -> load_dataset keyword.
-DATASET_OPTIONS = {"correlation": float, "num_tasks": int, "downsample": int, "image_size": int}
 
 
 class CLIError(Exception):
     """Bad arguments or data: printed as one line, exit status 2."""
 
 
-def _positive(kind):
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is the one line ``dgr-fast train: error: ...`` like every other error of the
+    command (argparse's default prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(kind):
+    """``kind(text)``, refusing inf and nan: float() reads both (and 1e999 as inf), and a run with either trains
+    nonsense and used to write them into the JSON."""
     def parse(text: str):
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+    return parse
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = _finite(kind)(text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -47,21 +64,35 @@ def _positive(kind):
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite(float)(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {text}")
+        return value
+    return parse
+
+
+# Options some data sets take: --flag -> load_dataset keyword (build_parser gives their types and help).
+DATASET_OPTIONS = ("correlation", "num_tasks", "downsample", "image_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dgr_fast.backends import BACKENDS
     from dgr_fast.benchmarks import BENCHMARKS
     from dgr_fast.data import DATASETS
+    from dgr_fast.data.utkface import MAX_IMAGE_SIZE
     from dgr_fast.mtl import METHODS
     from dgr_fast.train.trainer import OPTIMIZERS
 
-    parser = argparse.ArgumentParser(prog="dgr-fast", description="Fused multi-task learning: train and benchmark.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dgr-fast", description="Fused multi-task learning: train and benchmark.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help="train a multi-task model with one or several methods",
                             description="Train a hard-parameter-sharing model; with no method options, compare "
@@ -70,8 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="the data folder (nyuv2, utkface)")
     t.add_argument("--train-size", type=_positive(int), help="samples to generate / use of the training split")
     t.add_argument("--test-size", type=_positive(int), help="samples to generate / use of the test split")
-    for flag, kind in DATASET_OPTIONS.items():
-        t.add_argument("--" + flag.replace("_", "-"), type=kind, help="data set option (see dgr_fast.data)")
+    # The data set options (DATASET_OPTIONS); the loaders check them again, for calls from Python.
+    t.add_argument("--correlation", type=float, help="synthetic: cosine of the tasks' weight vectors, in [0, 1] "
+                                                     "(default 0.5)")
+    t.add_argument("--num-tasks", type=int, help="synthetic: how many regression tasks, >= 2 (default 2)")
+    t.add_argument("--downsample", type=int, help="nyuv2: shrink images and targets by this integer factor "
+                                                  "(default 1)")
+    t.add_argument("--image-size", type=_int_in(1, MAX_IMAGE_SIZE), metavar="S",
+                   help=f"utkface: the side of the S x S images fed to the model, 1..{MAX_IMAGE_SIZE} (default 64; "
+                        "the release's crops are 200 x 200)")
     t.add_argument("--method", choices=tuple(METHODS), help="loss weighting or gradient aggregator (default ew)")
     t.add_argument("--dgr", type=_non_negative_float, metavar="LAMBDA", help="DGR penalty weight (0: none)")
     t.add_argument("--dgr-backend", choices=BACKENDS, help="backend of the DGR penalty (default: automatic)")
@@ -175,6 +213,59 @@ def _plot(runs: list[dict], tasks, path: Path) -> str | None:
     return None
 
 
+def _device(text: str) -> torch.device:
+    """``--device`` as a device that torch can put a tensor on and copy it back from here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise CLIError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {text}: torch sees no CUDA device here")
+    try:
+        torch.zeros(1, device=device).cpu()
+    except Exception as err:  # torch answers a device type it lacks with any of several exception types
+        # (AssertionError for xpu, NotImplementedError for mps and meta, ImportError for hpu): all mean "not here",
+        # and finding out now keeps the failure before the data is loaded and before any training.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"--device {text}: torch cannot use this device here ({first})") from None
+    return device
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Make ``path``'s folder and make sure ``path`` can be written, so a bad path fails before hours of training.
+
+    An existing file is opened for appending, which leaves it as it is; a new one is created and removed again, so a
+    run that fails later leaves no empty result behind.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's own word for it, "File exists", reads as if all were well
+        raise CLIError(f"{flag}: cannot write {path}: {path.parent} is a file, not a folder") from None
+    except OSError as err:
+        raise CLIError(f"{flag}: cannot make the folder of {path}: {err.strerror or err}") from None
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        raise CLIError(f"{flag}: cannot write {path}: {err.strerror or err}") from None
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so the JSON is strict JSON (``NaN`` and ``Infinity``
+    are not JSON, and many readers refuse them). The arguments are finite by then; what is left is a run that
+    diverged (a NaN or infinite loss, metric or delta_m), and null is what that run's value is: no number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     from dgr_fast.data import load_dataset
     from dgr_fast.train.metrics import delta_m
@@ -183,12 +274,12 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
 
     defaults = DATASET_DEFAULTS[args.dataset]
     configs = _specs(args, defaults)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise CLIError(f"--device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: torch sees no CUDA device here")
+    device = _device(args.device)
+    json_path = Path(args.json) if args.json else Path(args.out) / f"{args.dataset}.json"
+    flag = "--json" if args.json else "--out"
+    _check_writable(json_path, flag)
+    if not args.no_plot:
+        _check_writable(json_path.with_suffix(".png"), flag)
     options = {k: getattr(args, k) for k in DATASET_OPTIONS if getattr(args, k) is not None}
     try:
         data = load_dataset(args.dataset, args.data_dir, seed=args.seed, train_size=args.train_size,
@@ -249,10 +340,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         "probe": args.probe,
         "runs": runs,
     }
-    out = Path(args.out)
-    json_path = Path(args.json) if args.json else out / f"{args.dataset}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    json_path.write_text(json.dumps(_json_ready(result), indent=1, allow_nan=False) + "\n")
     print(f"\nwrote {json_path}")
     if not args.no_plot:
         png = json_path.with_suffix(".png")
@@ -261,23 +349,36 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """The command word of ``argv``, for the interrupted line before argparse has read it ("" if none yet)."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return words[0] if words and words[0] in ("train", "bench") else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from dgr_fast.data import DataError
-
+    # Every phase is inside the try, the parser's imports (the data, methods and benchmarks modules) included: Ctrl-C
+    # is most often pressed during the slow start, and it should say "interrupted", not print a traceback.
+    command = _command(argv)
     try:
-        if args.command == "train":
-            train_command(args)
-            return 0
-        from dgr_fast.benchmarks import run_benchmarks
+        args = build_parser().parse_args(argv)
+        command = args.command
+        from dgr_fast.data import DataError
 
-        return run_benchmarks(args.which, quick=args.quick, device=args.device, out=args.out)
-    except (CLIError, DataError, ValueError, RuntimeError, ImportError, OSError) as err:
-        # Bad arguments and bad data folders: one line that says what is wrong, never a traceback.
-        print(f"dgr-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        try:
+            if args.command == "train":
+                train_command(args)
+                return 0
+            from dgr_fast.benchmarks import run_benchmarks
+
+            return run_benchmarks(args.which, quick=args.quick, device=args.device, out=args.out)
+        except (CLIError, DataError, ValueError, RuntimeError, ImportError, OSError) as err:
+            # Bad arguments and bad data folders: one line that says what is wrong, never a traceback.
+            # torch's messages can run to many lines (a list of backends); the first says what failed.
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            print(f"dgr-fast {args.command}: error: {lines[0]}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print(f"dgr-fast {args.command}: interrupted", file=sys.stderr)
+        print(f"dgr-fast{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 130
 
 

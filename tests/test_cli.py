@@ -5,21 +5,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from test_data import faces_dir, nyuv2_dir  # noqa: F401  (fixtures)
+from test_data import BAD_IMAGES, faces_dir, nyuv2_dir, set_pixel, write_header_only  # noqa: F401  (fixtures)
 
 import dgr_fast
+import dgr_fast.data
+import dgr_fast.train.trainer
 from dgr_fast import DummyHeads, DummyTask
 from dgr_fast.cli import DEFAULT_COMPARE, main
 from dgr_fast.data import TaskSpec
 from dgr_fast.reference import module_penalty
 from dgr_fast.train.metrics import Metric, delta_m, task_loss, valid_mask
-from dgr_fast.train.trainer import SpecError, parse_spec
+from dgr_fast.train.trainer import RunConfig, SpecError, check_config, parse_spec
 
 TINY = ["--train-size", "48", "--test-size", "24", "--epochs", "2", "--batch-size", "16"]
 
@@ -137,6 +141,187 @@ def test_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--epochs", "0"])
     assert exit_.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+# --- refusals before any training -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any training fail the test: the refusals below must come first."""
+    def train(*args, **kwargs):
+        raise AssertionError("trained although the arguments or data should have been refused first")
+    monkeypatch.setattr(dgr_fast.train.trainer, "train", train)
+
+
+@pytest.fixture
+def no_loading(monkeypatch, no_training):
+    """Make loading a data set fail the test too: bad arguments need no data to be refused."""
+    def load_dataset(*args, **kwargs):
+        raise AssertionError("loaded the data although the arguments should have been refused first")
+    monkeypatch.setattr(dgr_fast.data, "load_dataset", load_dataset)
+
+
+def refused(capsys, *args: str) -> str:
+    """Run ``dgr-fast train ARGS`` and check it fails with exactly one error line and exit status 2; that line."""
+    try:
+        code = main(["train", *args])
+    except SystemExit as exit_:  # argparse's refusals
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("dgr-fast train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--lr", "1e999"], "argument --lr: must be a finite number, got 1e999"),
+    (["--dgr", "inf"], "argument --dgr: must be a finite number, got inf"),
+    (["--sam", "inf"], "argument --sam: must be a finite number, got inf"),
+    (["--meta", "--meta-alpha", "inf"], "argument --meta-alpha: must be a finite number, got inf"),
+    (["--meta", "--meta-alpha", "nan"], "argument --meta-alpha: must be a finite number, got nan"),
+    (["--compare", "ew,ew+dgr=inf"], "spec 'ew+dgr=inf': the dgr weight must be a finite number > 0, got inf"),
+    (["--compare", "cagrad+sam=inf"], "spec 'cagrad+sam=inf': the sam weight must be a finite number > 0, got inf"),
+    (["--compare", "cagrad+sam=nan"], "spec 'cagrad+sam=nan': the sam weight must be a finite number > 0, got nan"),
+])
+def test_non_finite_hyper_parameters_are_refused(capsys, no_loading, args, message):
+    assert message in refused(capsys, "--dataset", "synthetic", *args)
+
+
+def test_check_config_refuses_non_finite_weights():
+    for config in (RunConfig("a", dgr_lambda=math.inf), RunConfig("b", sam_rho=math.nan),
+                   RunConfig("c", dgr_lambda=-1.0)):
+        with pytest.raises(SpecError, match="weight must be a finite number >= 0"):
+            check_config(config)
+
+
+def test_a_diverging_run_writes_strict_json_with_null(tmp_path):
+    # lr 1e30 makes every loss and metric NaN after the first step
+    path = tmp_path / "result.json"
+    assert main(["train", "--dataset", "synthetic", "--train-size", "16", "--test-size", "8", "--epochs", "1",
+                 "--batch-size", "8", "--method", "ew", "--optimizer", "sgd", "--lr", "1e30", "--no-plot",
+                 "--json", str(path)]) == 0
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    (run,) = json.loads(path.read_text(), parse_constant=not_json)["runs"]
+    (epoch,) = run["epochs"]
+    assert run["final"] == epoch["metrics"] == {"task0": None, "task1": None}
+    assert epoch["train_loss"] == {"task0": None, "task1": None} and run["delta_m"] is None
+    assert run["step_ms"] > 0  # the finite values are kept
+
+
+@pytest.mark.skipif(getattr(torch, "xpu", None) is not None and torch.xpu.is_available(), reason="an XPU is here")
+@pytest.mark.parametrize("device, message", [
+    ("xpu", "--device xpu: torch cannot use this device here (Torch not compiled with XPU enabled)"),
+    ("meta", "--device meta: torch cannot use this device here (Cannot copy out of meta tensor"),
+])
+def test_a_device_torch_cannot_use_is_refused(capsys, no_loading, device, message):
+    assert message in refused(capsys, "--dataset", "synthetic", "--device", device)
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "json is a folder", "png is a folder", "out is a file",
+                                  "read-only folder"])
+def test_an_unwritable_result_path_is_refused_before_loading(tmp_path, capsys, no_loading, case):
+    (tmp_path / "file").write_text("a file")
+    json_path, args = tmp_path / "result.json", []
+    if case == "parent is a file":
+        json_path = tmp_path / "file" / "sub" / "result.json"
+        message = f"--json: cannot make the folder of {json_path}: Not a directory"
+    elif case == "json is a folder":
+        json_path.mkdir()
+        message = f"--json: cannot write {json_path}: Is a directory"
+    elif case == "png is a folder":
+        json_path.write_text("an earlier result")
+        (tmp_path / "result.png").mkdir()
+        message = f"--json: cannot write {tmp_path / 'result.png'}: Is a directory"
+    elif case == "out is a file":
+        args, json_path = ["--out", str(tmp_path / "file")], None
+        message = f"--out: cannot write {tmp_path / 'file' / 'synthetic.json'}: {tmp_path / 'file'} is a file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        json_path = tmp_path / "ro" / "result.json"
+        message = f"--json: cannot write {json_path}: Permission denied"
+    args += ["--json", str(json_path)] if json_path is not None else []
+    assert message in refused(capsys, "--dataset", "synthetic", *args)
+    if case == "png is a folder":
+        assert json_path.read_text() == "an earlier result"  # checked, not truncated
+
+
+def test_the_write_check_leaves_no_file_behind(tmp_path, capsys, no_loading):
+    """A new JSON file is created to test the path, then removed, so a run refused later leaves nothing."""
+    (tmp_path / "runs" / "result.png").mkdir(parents=True)
+    refused(capsys, "--dataset", "synthetic", "--json", str(tmp_path / "runs" / "result.json"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["result.png"]
+
+
+@pytest.mark.parametrize("case", ["NaN label", "header claims 240 GB"])
+def test_bad_nyuv2_files_are_refused_before_training(tmp_path, capsys, no_training, nyuv2_dir, case):
+    root, _ = nyuv2_dir
+    if case == "NaN label":
+        set_pixel(root / "val" / "label" / "1.npy", np.nan)
+        name = root / "val" / "label" / "1.npy"
+    else:
+        name = root / "train" / "image" / "0.npy"
+        write_header_only(name, (100000, 100000, 3))
+    err = refused(capsys, "--dataset", "nyuv2", "--data-dir", str(root), "--out", str(tmp_path))
+    assert str(name) in err
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_utkface_images_are_refused_before_training(tmp_path, capsys, no_training, faces_dir, case):
+    (faces_dir / "20_0_0_bad.jpg").write_bytes(BAD_IMAGES[case][0])
+    err = refused(capsys, "--dataset", "utkface", "--data-dir", str(faces_dir), "--out", str(tmp_path))
+    assert f"cannot read the image {faces_dir / '20_0_0_bad.jpg'}" in err
+
+
+def test_image_size_is_bounded(capsys, no_loading):
+    assert "argument --image-size: must be in 1..512, got 40000" in refused(
+        capsys, "--dataset", "utkface", "--data-dir", ".", "--image-size", "40000")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "1..512" in capsys.readouterr().out
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------
+
+
+class _InterruptImport:
+    """A meta-path finder that raises KeyboardInterrupt on importing one module, as Ctrl-C during that import does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+def _raise_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command, phase", [("train", "import"), ("bench", "import"), ("train", "load"),
+                                            ("train", "train")])
+def test_ctrl_c_in_any_phase_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, command, phase):
+    if phase == "import":  # build_parser imports the benchmarks module: Ctrl-C during the slow start
+        monkeypatch.delitem(sys.modules, "dgr_fast.benchmarks", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [_InterruptImport("dgr_fast.benchmarks"), *sys.meta_path])
+    elif phase == "load":
+        monkeypatch.setattr(dgr_fast.data, "load_dataset", _raise_interrupt)
+    else:
+        monkeypatch.setattr(dgr_fast.train.trainer, "train", _raise_interrupt)
+    argv = ["train", "--dataset", "synthetic", *TINY, "--out", str(tmp_path)] if command == "train" else ["bench"]
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail(f"KeyboardInterrupt escaped main during {phase}")
+    assert code == 130
+    assert capsys.readouterr().err == f"dgr-fast {command}: interrupted\n"
 
 
 def test_parse_spec():

@@ -2,7 +2,9 @@
 digits, the MMoE formula); NYUv2 and UTKFace on tiny folders written here in the real formats, well and badly formed."""
 
 import shutil
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -284,8 +286,36 @@ BAD_NYUV2 = {  # case -> (how to break the folder, what the message must say)
     "counts": (lambda r: (r / "val" / "normal" / "1.npy").unlink(),
                ["different numbers of samples", "image/ 2, label/ 2, depth/ 2, normal/ 1"]),
     "40 classes": (lambda r: np.save(r / "train" / "label" / "0.npy", np.full((H, W), 39.0)),
-                   ["labels 39..39", "0..12 with -1"]),
+                   ["label/0.npy holds labels 39 on 192 of its 192 pixels", "0..12 with -1"]),
+    # Every label file the split uses is checked, not only sample 0's.
+    "NaN label in the last file": (lambda r: set_pixel(r / "train" / "label" / "2.npy", np.nan),
+                                   ["train/label/2.npy holds labels nan on 1 of its 192 pixels", "0..12 with -1"]),
+    "class 13 in val": (lambda r: set_pixel(r / "val" / "label" / "1.npy", 13.0), ["val/label/1.npy holds labels 13"]),
+    "fractional label": (lambda r: set_pixel(r / "train" / "label" / "1.npy", 3.5), ["label/1.npy holds labels 3.5"]),
+    # A 128-byte file claiming 240 GB: refused from its header, before numpy allocates anything.
+    "header claims a huge array": (lambda r: write_header_only(r / "train" / "image" / "0.npy", (100000, 100000, 3)),
+                                   ["train/image/0.npy: its header claims a float64 array of shape "
+                                    "[100000, 100000, 3] (240000000000 bytes) but 0 bytes of data follow it"]),
+    "truncated": (lambda r: truncate(r / "val" / "depth" / "0.npy", 8),
+                  ["val/depth/0.npy: its header claims a float64 array of shape [12, 16, 1] (1536 bytes) "
+                   "but 1528 bytes"]),
 }
+
+
+def set_pixel(path, value):
+    array = np.load(path)
+    array[H // 2, W // 2] = value
+    np.save(path, array)
+
+
+def write_header_only(path, shape):
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": shape})
+
+
+def truncate(path, n_bytes):
+    data = path.read_bytes()
+    path.write_bytes(data[:-n_bytes])
 
 
 @pytest.mark.parametrize("case", BAD_NYUV2)
@@ -303,6 +333,19 @@ def test_nyuv2_checks_every_file_it_reads(nyuv2_dir):
     data = load_dataset("nyuv2", root)
     np.save(root / "train" / "normal" / "2.npy", np.zeros((H, W, 2)))
     with pytest.raises(DataError, match="normal/2.npy holds .* shape \\[12, 16, 2\\]"):
+        data.train.batch(torch.tensor([2]))
+
+
+def test_nyuv2_batch_refuses_non_finite_values(nyuv2_dir):
+    """NaN in a depth, normal or image file would make every loss NaN without an error; ``batch`` names the file."""
+    root, _ = nyuv2_dir
+    data = load_dataset("nyuv2", root)
+    set_pixel(root / "train" / "depth" / "1.npy", np.nan)
+    set_pixel(root / "train" / "normal" / "2.npy", np.inf)
+    data.train.batch(torch.tensor([0]))
+    with pytest.raises(DataError, match="train/depth/1.npy holds NaN or infinite values"):
+        data.train.batch(torch.tensor([0, 1, 2]))
+    with pytest.raises(DataError, match="train/normal/2.npy holds NaN or infinite values"):
         data.train.batch(torch.tensor([2]))
 
 
@@ -413,9 +456,46 @@ def test_utkface_malformed_folders(faces_dir, case):
         load_dataset("utkface", faces_dir, skip_bad_names=True)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of nothing but its signature, an IHDR chunk claiming ``width`` x ``height`` RGB pixels, and IEND."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+BAD_IMAGES = {  # file content -> what the message must say besides the file's name
+    # Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS, and only warns between once and twice it.
+    "30000 x 30000 PNG": (png_header(30000, 30000), "could be decompression bomb"),
+    "10000 x 10000 PNG": (png_header(10000, 10000), "could be decompression bomb"),
+    "text": (b"<html>not found</html>", "cannot identify image file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_utkface_checks_every_image_at_load(faces_dir, case):
+    # "20_..." sorts after the first image, the only one read at load before
+    content, message = BAD_IMAGES[case]
+    (faces_dir / "20_0_0_bad.jpg").write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning let through would fail the test too
+        with pytest.raises(DataError, match=f"cannot read the image .*20_0_0_bad.jpg: .*{message}"):
+            load_dataset("utkface", faces_dir, test_fraction=0.5)
+
+
+def test_utkface_batch_names_an_image_broken_past_its_header(faces_dir):
+    data = load_dataset("utkface", faces_dir, test_fraction=0.5)
+    broken = data.train.paths[-1]
+    broken.write_bytes(png_header(20, 20))  # a valid header, no pixel data: only decoding finds out
+    with pytest.raises(DataError, match=f"cannot read the image .*{broken.name}"):
+        all_of(data.train)
+
+
 @pytest.mark.parametrize("options, message", [({"test_fraction": 1.0}, "test_fraction must be between 0 and 1"),
                                                ({"test_fraction": 0.01}, "the test split of the 6 images .* is empty"),
-                                               ({"image_size": 0}, "image_size must be positive")])
+                                               ({"image_size": 0}, r"image_size must be an integer in 1\.\.512, got 0"),
+                                               # one past the bound: were it accepted, this test stays cheap
+                                               ({"image_size": 513}, r"image_size must be an integer in 1\.\.512"),
+                                               ({"image_size": 2.5}, r"image_size must be an integer")])
 def test_utkface_rejects_bad_options(faces_dir, options, message):
     with pytest.raises(ValueError, match=message):
         load_dataset("utkface", faces_dir, **options)

@@ -9,8 +9,12 @@ Expected layout (795 train and 654 val samples in the release, 288 x 384 pixels;
     data_dir/train/normal/0.npy ...             [H, W, 3], surface normals, 0 = no measurement
     data_dir/val/...                            the same four sub-folders
 
-``train`` becomes ``MTLData.train`` and ``val`` ``MTLData.test``. Loading checks the folders, the numbering and one
-sample of each kind; ``batch`` then reads the samples' files. Samples: ``x`` float32 ``[n, 3, H, W]`` in [0, 1] (the
+``train`` becomes ``MTLData.train`` and ``val`` ``MTLData.test``. Every file is read header first: a dtype or shape
+other than the above, or a header whose shape does not match the file's size, is a ``DataError`` naming the file,
+before any data is allocated. Loading checks the folders and the numbering, the shapes of sample 0's four files, and
+the label file of every sample the split uses (values -1, 0..12 only: a NaN, fraction or class 13+ would make the
+segmentation loss fail mid-run); ``batch`` then reads the samples' files, and refuses NaN or infinite values in the
+image, depth and normal files it reads (checking those at load would read the whole data set once more). Samples: ``x`` float32 ``[n, 3, H, W]`` in [0, 1] (the
 DGR code feeds ``2 x - 1`` to its network; that is left to the model), segmentation int64 ``[n, H, W]``, depth float32
 ``[n, 1, H, W]``, normal float32 ``[n, 3, H, W]``. ``downsample`` = s shrinks all of them by s for CPU runs: the image
 by s x s average pooling, the targets by keeping every s-th pixel, so the -1 and 0 markers survive.
@@ -18,6 +22,7 @@ by s x s average pooling, the targets by keeping every s-th pixel, so the -1 and
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -41,16 +46,47 @@ def _shape_str(shape: tuple[int | str, ...]) -> str:
 
 
 def _read(path: Path, shape: tuple[int | str, ...]) -> np.ndarray:
-    """The numeric array in ``path``, checked against ``shape`` (a str entry matches any size)."""
+    """The numeric array in ``path``, checked against ``shape`` (a str entry matches any size).
+
+    The header is checked before the data is read: a tiny file whose header claims a huge array would otherwise have
+    numpy allocate that array (a MemoryError, not a message), so a shape that does not fit ``shape`` or the file's
+    size is refused first.
+    """
     try:
-        array = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                stored, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                stored, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # 3.0 only differs for structured dtypes with non-latin-1 field names, which are no data here
+                raise ValueError(f".npy format version {version[0]}.{version[1]}; this reader takes 1.0 and 2.0")
+            fits = len(stored) == len(shape) and all(isinstance(s, str) or s == t for s, t in zip(shape, stored))
+            if not fits or dtype.kind not in "fiu":
+                raise DataError(f"{path} holds a {dtype} array of shape {_shape_str(stored)}; "
+                                f"expected numbers of shape {_shape_str(shape)}")
+            data_bytes = math.prod(stored) * dtype.itemsize
+            file_bytes = os.fstat(f.fileno()).st_size - f.tell()
+            if data_bytes != file_bytes:
+                raise DataError(f"{path}: its header claims a {dtype} array of shape {_shape_str(stored)} "
+                                f"({data_bytes} bytes) but {file_bytes} bytes of data follow it; "
+                                "expected a complete .npy file")
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path} as a .npy array: {e}") from e
-    fits = array.ndim == len(shape) and all(isinstance(s, str) or s == t for s, t in zip(shape, array.shape))
-    if not fits or array.dtype.kind not in "fiu":
-        raise DataError(f"{path} holds a {array.dtype} array of shape {_shape_str(array.shape)}; "
-                        f"expected numbers of shape {_shape_str(shape)}")
-    return array
+
+
+def _check_labels(path: Path, label: np.ndarray) -> None:
+    """Refuse a label map with anything but -1 and 0..12 (NaN fails every comparison, so it is caught too)."""
+    valid = (label >= -1) & (label <= 12) & (label == np.floor(label))
+    if not valid.all():
+        bad = np.unique(label[~valid])
+        shown = ", ".join(f"{v:g}" for v in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise DataError(f"{path} holds labels {shown} on {int((~valid).sum())} of its {label.size} pixels; "
+                        "expected the 13-class labels 0..12 with -1 for unlabelled pixels")
 
 
 def _count(folder: Path) -> int:
@@ -83,25 +119,30 @@ class NYUv2Split(MTLDataset):
         if h % downsample or w % downsample:
             raise ValueError(f"downsample={downsample} must divide the {h} x {w} images of {folder}")
         self.shapes = {"image": (h, w, 3), "label": (h, w), "depth": (h, w, 1), "normal": (h, w, 3)}
-        labels = np.unique(_read(folder / "label" / "0.npy", self.shapes["label"]))
-        if labels.min() < -1 or labels.max() > 12:
-            raise DataError(f"{folder / 'label' / '0.npy'} holds labels {labels.min():g}..{labels.max():g}; "
-                            "expected the 13-class labels 0..12 with -1 for unlabelled pixels")
         for kind in ("depth", "normal"):
             _read(folder / kind / "0.npy", self.shapes[kind])
+        self.size = split_size(size, counts["image"], str(folder))
+        # The label maps are the smallest files (a third of an image's), so reading all of them once costs an eighth
+        # of what one epoch reads, and a bad one then fails here instead of in the loss of some later batch.
+        for i in range(self.size):
+            path = folder / "label" / f"{i}.npy"
+            _check_labels(path, _read(path, self.shapes["label"]))
         super().__init__(TASKS, (3, h // downsample, w // downsample), dense=True)
         self.folder, self.downsample = folder, downsample
-        self.size = split_size(size, counts["image"], str(folder))
 
     def __len__(self) -> int:
         return self.size
 
     def batch(self, indices: Tensor) -> tuple[Tensor, list[Tensor]]:
         ids = [range(self.size)[i] for i in indices.tolist()]  # IndexError past the split's (possibly cut) size
-        image, label, depth, normal = (
-            torch.from_numpy(np.stack([_read(self.folder / kind / f"{i}.npy", self.shapes[kind]) for i in ids]))
-            for kind in KINDS
-        )
+        arrays = {kind: np.stack([_read(self.folder / kind / f"{i}.npy", self.shapes[kind]) for i in ids])
+                  for kind in KINDS}
+        for kind in ("image", "depth", "normal"):  # the labels were checked at load
+            finite = np.isfinite(arrays[kind]).reshape(len(ids), -1).all(axis=1)
+            if not finite.all():
+                path = self.folder / kind / f"{ids[int(np.argmin(finite))]}.npy"
+                raise DataError(f"{path} holds NaN or infinite values; expected finite numbers")
+        image, label, depth, normal = (torch.from_numpy(arrays[kind]) for kind in KINDS)
         s = self.downsample
         x = F.avg_pool2d(_channels_first(image), s)
         seg = label[:, ::s, ::s].long()

@@ -12,15 +12,20 @@ shuffled by ``seed`` and the last ``round(test_fraction * N)`` become the test s
 ``torch.utils.data.random_split`` draws with a generator seeded by ``seed``, as the DGR code does (which then drops
 badly named files from its splits, as we do). ``train_size`` / ``test_size`` take the first samples of each split.
 
-Samples, read by ``batch``: ``x`` float32 ``[n, 3, S, S]`` in [0, 1] (RGB, resized bilinearly to ``image_size`` S;
-the DGR code also normalises by the ImageNet mean and std, which is left to the model); targets ``age`` (0..6),
-``gender`` (0..1), ``race`` (0..4), each int64 ``[n]``.
+Loading opens every image the splits use (Pillow reads the header only, about an eighth of what decoding costs): a
+file Pillow cannot identify, or one of more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb; the
+release's crops are 200 x 200), is a ``DataError`` naming it before any training. The first image is also decoded
+then; a file whose data is broken past its header fails, with a ``DataError`` naming it, in the ``batch`` that reads
+it. Samples, read by ``batch``: ``x`` float32 ``[n, 3, S, S]`` in [0, 1] (RGB, resized bilinearly to ``image_size``
+S, 1..``MAX_IMAGE_SIZE``; the DGR code also normalises by the ImageNet mean and std, which is left to the model);
+targets ``age`` (0..6), ``gender`` (0..1), ``race`` (0..4), each int64 ``[n]``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -36,6 +41,9 @@ TASKS = (
 )
 AGE_EDGES = torch.tensor([10, 20, 30, 40, 50, 60])  # upper ends (inclusive) of the first six age groups
 NAME = re.compile(r"(\d+)_(\d+)_(\d+)_.*\.jpg", re.IGNORECASE)
+# The largest image_size: 512 x 512 is 2.5 times the release's 200 x 200 crops already, and one batch of 64 such
+# images is 200 MB of float32; a size far beyond it is a typo that would exhaust memory in the first batch.
+MAX_IMAGE_SIZE = 512
 
 
 def parse_name(name: str) -> tuple[int, int, int] | None:
@@ -52,18 +60,42 @@ def age_group(age: Tensor) -> Tensor:
     return torch.bucketize(age, AGE_EDGES)  # right=False: edges[i-1] < age <= edges[i], as pd.cut's closed right ends
 
 
-def read_image(path: Path, size: int) -> Tensor:
-    """The image at ``path`` as float32 ``[3, size, size]`` in [0, 1]."""
+def _pillow():
+    """``PIL.Image``, or an ImportError that says how to install it."""
     try:
         from PIL import Image
     except ImportError as e:
         raise ImportError("the utkface data set reads images with Pillow: pip install pillow "
                           "(or the demo extra: pip install 'dgr_fast[demo]')") from e
+    return Image
+
+
+def _with_image(path: Path, use):
+    """``use(image)`` on the image at ``path`` opened by Pillow; any way the file fails to be an image is a
+    ``DataError`` naming it."""
+    Image = _pillow()
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    except OSError as e:
+        with warnings.catch_warnings():
+            # Pillow only warns from MAX_IMAGE_PIXELS to twice that, and raises above: neither is a face crop, and
+            # decoding one takes gigabytes, so both are refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return use(image)
+    # Pillow's decoders report broken files with any of these (UnidentifiedImageError is an OSError).
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise DataError(f"cannot read the image {path}: {e}") from e
+
+
+def check_image(path: Path) -> None:
+    """Refuse ``path`` if Pillow cannot identify it as an image or it is too large to decode (headers only)."""
+    _with_image(path, lambda image: None)
+
+
+def read_image(path: Path, size: int) -> Tensor:
+    """The image at ``path`` as float32 ``[3, size, size]`` in [0, 1]."""
+    bilinear = _pillow().Resampling.BILINEAR
+    rgb = _with_image(path, lambda image: image.convert("RGB").resize((size, size), bilinear))
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) / 255
 
 
@@ -89,8 +121,8 @@ def load_utkface(data_dir: str | os.PathLike, *, seed: int = 0, train_size: int 
     """UTKFace from the images in ``data_dir``, split by ``seed`` (see the module docstring)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {image_size!r}")
     root = existing_dir(data_dir, "the UTKFace images, named {age}_{gender}_{race}_{date}.jpg")
     paths = sorted(p for p in root.iterdir() if p.suffix.lower() == ".jpg" and p.is_file())
     if not paths:
@@ -114,6 +146,8 @@ def load_utkface(data_dir: str | os.PathLike, *, seed: int = 0, train_size: int 
             raise DataError(f"the {split} split of the {len(paths)} images in {root} is empty "
                             f"(test_fraction={test_fraction})")
         ids = ids[: split_size(size, len(ids), f"the {split} split of {root}")]
+        for i in ids:
+            check_image(paths[i])
         ages, genders, races = torch.tensor([parsed[i] for i in ids]).T.contiguous()
         splits.append(UTKFaceSplit([paths[i] for i in ids], torch.stack([age_group(ages), genders, races]), image_size))
     return MTLData("utkface", *splits)

@@ -55,7 +55,8 @@ class TrainSettings:
 def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) -> RunConfig:
     """Read a method spec: ``+``-joined tokens, at most one method of ``METHODS`` (default ``ew``), an optimizer
     (``sgd``, ``adam``, ``adatask``; default ``optimizer``), and modifiers ``dgr``, ``sam``, ``meta``. ``dgr`` and
-    ``sam`` take their weight from ``dgr_lambda``/``sam_rho`` unless written ``dgr=0.01``, ``sam=0.05``."""
+    ``sam`` take their weight from ``dgr_lambda``/``sam_rho`` unless written ``dgr=0.01``, ``sam=0.05``; a weight
+    must be finite and > 0."""
     method, values = None, {"optimizer": optimizer, "dgr_lambda": 0.0, "sam_rho": 0.0, "meta": False}
     for token in spec.strip().split("+"):
         name, eq, value = token.strip().partition("=")
@@ -72,8 +73,8 @@ def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) 
                 weight = float(value) if eq else (dgr_lambda if name == "dgr" else sam_rho)
             except ValueError:
                 raise SpecError(f"spec {spec!r}: {name}= needs a number, got {value!r}") from None
-            if not weight > 0:
-                raise SpecError(f"spec {spec!r}: the {name} weight must be > 0, got {weight}")
+            if not 0 < weight < float("inf"):  # also refuses nan, which float() reads as readily as inf
+                raise SpecError(f"spec {spec!r}: the {name} weight must be a finite number > 0, got {weight}")
             values["dgr_lambda" if name == "dgr" else "sam_rho"] = weight
         elif name == "meta":
             values["meta"] = True
@@ -86,7 +87,12 @@ def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) 
 
 
 def check_config(config: RunConfig, batch_size: int | None = None) -> None:
-    """Refuse combinations that the library's steps do not define, before any training."""
+    """Refuse combinations that the library's steps do not define, and weights that are negative or not finite,
+    before any training."""
+    for name, weight in (("dgr", config.dgr_lambda), ("sam", config.sam_rho)):
+        # A RunConfig can be made without parse_spec; an inf or nan weight trains to NaN or fails mid-run.
+        if not 0 <= weight < float("inf"):
+            raise SpecError(f"spec {config.spec!r}: the {name} weight must be a finite number >= 0, got {weight}")
     weighting = isinstance(make_method(config.method, 2), Weighting)
     if config.meta and (config.sam_rho or config.dgr_lambda or config.method != "ew"):
         raise SpecError(f"spec {config.spec!r}: meta is its own gradient rule; it combines with no method, sam or dgr")
