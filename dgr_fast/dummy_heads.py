@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dgr_fast.distributed import check_process_group, same_random_draws, sync_for
 from dgr_fast.ops.dgr_penalty import LOSS_CODES, NORMS, apply_norm, dgr_penalty_per_task, weighted_sum
 from dgr_fast.reference.dgr import REDUCTIONS
 
@@ -53,6 +54,10 @@ class DummyHeads(nn.Module):
         bias: whether the heads have a bias (its gradient is part of the penalty).
         seed / generator: where the draws come from (default: a generator seeded from torch's global RNG).
         norm: ``"squared"`` or ``"l2"`` (see ``dgr_penalty``); backend: as ``dgr_penalty``.
+        process_group: under ``torch.distributed``, ``None`` (the default group) or a group: the penalty is the
+            global batch's (see ``dgr_penalty``), every draw of the heads is rank 0's (its generator state is
+            broadcast before each draw, and the heads themselves before the first forward, in case they were drawn
+            before the group existed); ``"local"``: each rank's own penalty and draws.
     Buffers: ``weight [num_sets, C, D]``, ``bias [num_sets, C]`` with ``C = sum_k C_k`` (fp32 unless ``dtype``).
     """
 
@@ -70,8 +75,10 @@ class DummyHeads(nn.Module):
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        process_group: object = None,
     ) -> None:
         super().__init__()
+        check_process_group(process_group)
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         self.task_names = list(tasks) if isinstance(tasks, Mapping) else None
@@ -93,6 +100,8 @@ class DummyHeads(nn.Module):
             raise ValueError(f"generator must be a CPU generator (draws are made on the CPU and copied), got {generator.device}")
         self.in_features, self.num_sets, self.resample_mode = in_features, num_sets, resample
         self.has_bias, self.norm, self.backend, self.generator = bias, norm, backend, generator
+        self.process_group = process_group
+        self._drawn_in_sync = False  # whether the heads now held are rank 0's on every rank
         self.offsets = [0]
         for t in self.tasks:
             self.offsets.append(self.offsets[-1] + t.out_features)
@@ -103,12 +112,24 @@ class DummyHeads(nn.Module):
 
     @torch.no_grad()
     def resample(self) -> None:
-        """Draw every head afresh (PyTorch's default Linear initialisation)."""
+        """Draw every head afresh (PyTorch's default Linear initialisation); under ``torch.distributed``, rank 0's
+        draw on every rank (a collective: every rank must call it)."""
         bound = 1.0 / math.sqrt(self.in_features)
-        for buf in (self.weight, self.bias):
-            if buf is not None:
-                draw = torch.rand(buf.shape, generator=self.generator, dtype=torch.float32)
-                buf.copy_(draw.mul_(2 * bound).sub_(bound))
+        sync = sync_for(self.process_group)
+        with same_random_draws(sync, self.generator):
+            for buf in (self.weight, self.bias):
+                if buf is not None:
+                    draw = torch.rand(buf.shape, generator=self.generator, dtype=torch.float32)
+                    buf.copy_(draw.mul_(2 * bound).sub_(bound))
+        self._drawn_in_sync = sync is not None
+
+    @torch.no_grad()
+    def _sync_heads(self) -> None:
+        """Before a distributed forward: heads drawn before the group existed (or loaded per rank) become rank 0's."""
+        sync = sync_for(self.process_group)
+        if sync is not None and not self._drawn_in_sync:
+            sync.broadcast_([b for b in (self.weight, self.bias) if b is not None])
+            self._drawn_in_sync = True
 
     def new_epoch(self) -> None:
         """Call at the end of each epoch: redraws the heads when ``resample="epoch"``."""
@@ -172,6 +193,7 @@ class DummyHeads(nn.Module):
         """``[num_sets, K]`` unweighted penalties (redrawing the heads first when ``resample="step"``)."""
         if self.training and self.resample_mode == "step":
             self.resample()
+        self._sync_heads()
         targets, masks = self._per_task(targets, "targets"), self._per_task(masks, "masks")
         sets, k = self.num_sets, len(self.tasks)
         bounds = list(zip(self.offsets[:-1], self.offsets[1:]))
@@ -181,6 +203,7 @@ class DummyHeads(nn.Module):
             features, weights, biases, targets * sets, [t.loss for t in self.tasks] * sets,
             masks=masks * sets, ignore_index=[t.ignore_index for t in self.tasks] * sets,
             reductions=[t.reduction for t in self.tasks] * sets, backend=self.backend,
+            process_group=self.process_group,
         )
         return per_task.view(sets, k)
 
@@ -189,6 +212,7 @@ class DummyHeads(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator_state"])
+        self._drawn_in_sync = False  # loaded heads: rank 0's are broadcast before the next distributed forward
 
     def extra_repr(self) -> str:
         return (

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dgr_fast.distributed import Sync, check_process_group, sync_for
+
 MODES: tuple[str, ...] = ("loop", "batched")
 
 
@@ -51,9 +53,11 @@ def _per_task_grads(
     retain_graph: bool,
     chunk_size: int | None,
     extra_params: list[torch.Tensor],
+    sync: Sync | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``per_task_grads`` plus, in the same backward passes, the gradient of ``sum(losses)`` w.r.t. ``extra_params``
-    (AdaTask's task-specific parameters). Arguments are checked by the caller except ``features``/``mode``."""
+    (AdaTask's task-specific parameters). Arguments are checked by the caller except ``features``/``mode``.
+    With ``sync``, both are averaged over its ranks, as one buffer where their dtypes agree."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -66,8 +70,23 @@ def _per_task_grads(
     for i, p in enumerate(params):
         if p.device != device:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}")
-    out = torch.empty(K, sum(sizes), dtype=_out_dtype(params), device=device)
-    extra_sum = [torch.zeros_like(p) for p in extra_params]
+    dtype = _out_dtype(params)
+    # One buffer for the per-task rows and the extra parameters' gradients: a single all-reduce, no copy.
+    together = all(p.dtype == dtype and p.device == device for p in extra_params)
+    extra_size = sum(p.numel() for p in extra_params) if together else 0
+    flat = torch.empty(K * sum(sizes) + extra_size, dtype=dtype, device=device)
+    out = flat[: K * sum(sizes)].view(K, sum(sizes))
+    if together:
+        extra_sum = [piece.view_as(p) for piece, p in zip(flat[K * sum(sizes) :].split([p.numel() for p in extra_params]),
+                                                            extra_params)]
+        flat[K * sum(sizes) :].zero_()
+    else:
+        extra_sum = [torch.zeros_like(p) for p in extra_params]
+
+    def finish() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if sync is not None:
+            sync.all_reduce_mean_([flat] if together else [out, *extra_sum])
+        return out, extra_sum
 
     def write(k: int, grads: Sequence[torch.Tensor | None]) -> None:
         for piece, g in zip(out[k].split(sizes), grads):
@@ -88,7 +107,7 @@ def _per_task_grads(
             for acc, g in zip(extra_sum, grads[len(params) :]):
                 if g is not None:
                     acc.add_(g)
-        return out, extra_sum
+        return finish()
 
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a tensor when mode='batched', got {type(features).__name__}")
@@ -131,7 +150,7 @@ def _per_task_grads(
         for piece, g in zip(out.split(sizes, dim=1), grads):
             piece.index_copy_(0, index, torch.zeros_like(piece[: len(rows)]) if g is None
                               else g.reshape(len(rows), -1).to(piece.dtype))
-    return out, extra_sum
+    return finish()
 
 
 def _reaches_around(losses: list[torch.Tensor], features: torch.Tensor, params: list[torch.Tensor]) -> list[bool]:
@@ -179,6 +198,7 @@ def per_task_grads(
     mode: str = "loop",
     retain_graph: bool = False,
     chunk_size: int | None = None,
+    process_group: object = "local",
 ) -> torch.Tensor:
     """Gradient of every task's loss w.r.t. ``params``, as one ``[K, P]`` tensor.
 
@@ -195,11 +215,16 @@ def per_task_grads(
             stacked ``dL_k/dfeatures`` (``torch.autograd.grad(..., is_grads_batched=True)``).
         retain_graph: keep the graph after the last pass (to call backward again).
         chunk_size: ``mode="batched"``: at most this many tasks per batched pass, to bound memory.
+        process_group: ``"local"`` (default): this rank's gradients. ``None`` (the default group) or a group:
+            averaged over the ranks (one all-reduce of the ``[K, P]`` buffer), the global batch's gradients on every
+            rank, as the library's training steps use them (``dgr_fast.distributed``).
 
     Returns:
         ``[K, P]``, the dtype of ``params`` (fp32 if they differ), on their device.
     """
     loss_list = _check_losses(losses)
     param_list = _check_params(params, "params")
-    out, _ = _per_task_grads(loss_list, param_list, features, mode, retain_graph, chunk_size, [])
+    check_process_group(process_group)
+    out, _ = _per_task_grads(loss_list, param_list, features, mode, retain_graph, chunk_size, [],
+                             sync_for(process_group))
     return out

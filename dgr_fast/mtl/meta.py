@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dgr_fast.distributed import Sync, check_process_group, sync_for
 from dgr_fast.mtl.sam import _loss_list, frozen_batchnorm_stats
 
 __all__ = ["MetaMTL"]
@@ -48,6 +49,9 @@ class MetaMTL:
         optimizer: over all of ``model``'s trainable parameters.
         alpha: the inner step size (the paper's value is not in its abstract: it must be given).
         second_order: differentiate through the inner step.
+        process_group: under ``torch.distributed``, ``None`` (the default group) or a group: the inner gradients
+            are averaged over the ranks before the inner step (one buffer), the outer and task gradients after the
+            outer loop (one more); ``"local"``: no synchronisation.
     """
 
     def __init__(
@@ -59,7 +63,9 @@ class MetaMTL:
         *,
         alpha: float,
         second_order: bool = False,
+        process_group: object = None,
     ) -> None:
+        check_process_group(process_group)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(criterion):
@@ -78,6 +84,7 @@ class MetaMTL:
         self.task = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.alpha, self.second_order = float(alpha), bool(second_order)
+        self.process_group = process_group
 
     def step(self, inner: Batch, outer: Batch) -> dict[str, Tensor]:
         """Zero the gradients, fill them, step the optimizer.
@@ -89,6 +96,7 @@ class MetaMTL:
             detached.
         """
         self.optimizer.zero_grad()
+        sync = sync_for(self.process_group)
         losses = _loss_list(self.criterion(self.model(*_as_args(inner[0])), inner[1]), "criterion")
         K = len(losses)
         params = self.shared + self.task
@@ -101,6 +109,11 @@ class MetaMTL:
             inner_grads.append(grads[: len(self.shared)] if self.second_order
                                else [g.detach() for g in grads[: len(self.shared)]])
             torch._foreach_add_(task_grads, [g.detach() for g in grads[len(self.shared):]])
+        if sync is not None:
+            # Every rank adapts with the global batch's inner gradients. Second order differentiates through the
+            # average: torch.distributed.nn's all-reduce carries the outer gradient back to every rank's own
+            # Hessian term, so the averaged outer gradient is the global one's exactly.
+            inner_grads = _global_inner_grads(inner_grads, sync, self.second_order)
 
         shared_grads = [torch.zeros_like(p) for p in self.shared]
         outer_losses = []
@@ -117,7 +130,29 @@ class MetaMTL:
                                                    for p, g in zip(self.shared, grads)])
                 outer_losses.append(outer_k[k].detach())
 
+        if sync is not None:
+            sync.all_reduce_mean_(shared_grads + task_grads)
         for p, g in zip(params, shared_grads + task_grads):
             p.grad = g.to(p.dtype)
         self.optimizer.step()
         return {"inner_losses": torch.stack([x.detach() for x in losses]), "outer_losses": torch.stack(outer_losses)}
+
+
+def _global_inner_grads(inner_grads: list[list[Tensor]], sync: Sync, second_order: bool) -> list[list[Tensor]]:
+    """Per task, the inner gradients averaged over the ranks: in place (first order), or through the
+    differentiable all-reduce of ``torch.distributed.nn`` (second order), as one flat buffer either way."""
+    pieces = [g for task in inner_grads for g in task]
+    if not second_order:
+        sync.all_reduce_mean_(pieces)
+        return inner_grads
+    from torch.distributed.nn.functional import all_reduce
+
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in pieces]), group=sync.group) / sync.world_size
+    out, offset = [], 0
+    for task in inner_grads:
+        row = []
+        for g in task:
+            row.append(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        out.append(row)
+    return out

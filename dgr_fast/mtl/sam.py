@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from dgr_fast.dummy_heads import DummyHeads
 from dgr_fast.mtl.aggregators import Aggregator, Sum
+from dgr_fast.distributed import check_process_group, sync_for
 from dgr_fast.mtl.grads import per_task_grads
+from dgr_fast.mtl.step import _rank0_draws
 from dgr_fast.mtl.scales import aggregator_scale, check_scale
 
 __all__ = ["TaskSAM", "frozen_batchnorm_stats"]
@@ -74,6 +76,9 @@ class TaskSAM:
         adaptive: the adaptive (ASAM) form of the perturbation.
         dummy_heads, dgr_lambda: DGR's dummy heads and weight (the closure must then return the features too).
         aggregator_scale: ``"authors"`` (default), ``"sum"``, ``"none"`` or a number (``dgr_fast.mtl.scales``).
+        process_group: under ``torch.distributed``, ``None`` (the default group) or a group: stage 1's per-task
+            gradients are averaged before the perturbation (so every rank perturbs alike) and stage 2's after it,
+            one buffer each; ``"local"``: no synchronisation (``DummyHeads`` follow their own ``process_group``).
 
     Deviations: the authors' scripts differ in whether shared and head parts are normalised separately (one of
     them normalises jointly); this class normalises them separately, as the paper. Their MGDA variant (the min-norm
@@ -94,8 +99,10 @@ class TaskSAM:
         dummy_heads: DummyHeads | None = None,
         dgr_lambda: float = 0.0,
         aggregator_scale: str | float = "authors",
+        process_group: object = None,
     ) -> None:
         check_scale(aggregator_scale)
+        check_process_group(process_group)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if aggregator is not None and not isinstance(aggregator, Aggregator):
@@ -119,7 +126,7 @@ class TaskSAM:
         self.aggregator = Sum() if aggregator is None else aggregator
         self.rho, self.adaptive = float(rho), bool(adaptive)
         self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
-        self.aggregator_scale = aggregator_scale
+        self.aggregator_scale, self.process_group = aggregator_scale, process_group
 
     def _perturbation(self, grad: Tensor, weights: Tensor) -> Tensor:
         """``e`` for one parameter group: flat ``grad`` and the group's flat parameter values ``weights``."""
@@ -174,12 +181,17 @@ class TaskSAM:
         bounds = [0]
         for group_sizes in sizes:
             bounds.append(bounds[-1] + sum(group_sizes))
-        grads = per_task_grads(rows, [p for group in groups for p in group])  # [K (+1), P_shared + P_heads]
+        sync = sync_for(self.process_group)
+        # [K (+1), P_shared + P_heads], the global batch's under distributed: every rank perturbs the same way.
+        grads = per_task_grads(rows, [p for group in groups for p in group], process_group=self.process_group)
         g_shared = grads[:K, : bounds[1]]
         views = [[p.detach().view(-1) for p in group] for group in groups]
         saved = [torch.cat(group_views) for group_views in views]  # to restore, and w for the adaptive form
-        sam_shared = torch.empty_like(g_shared)
-        sam_heads = []
+        # Stage 2's gradients in one buffer: K shared rows, then each head's own: one all-reduce for all of them.
+        sam_flat = torch.empty(K * bounds[1] + bounds[-1] - bounds[1], dtype=g_shared.dtype, device=g_shared.device)
+        sam_shared = sam_flat[: K * bounds[1]].view(K, bounds[1])
+        sam_heads = [[piece.view_as(p) for piece, p in zip(block.split(sizes[k + 1]), self.heads[k])]
+                     for k, block in enumerate(sam_flat[K * bounds[1] :].split([sum(h) for h in sizes[1:]]))]
         with frozen_batchnorm_stats(self.model):
             for k in range(K):
                 e = torch.cat([self._perturbation(g_shared[k], saved[0]),
@@ -192,10 +204,13 @@ class TaskSAM:
                 torch._foreach_copy_(moved, list(saved[0].split(sizes[0])) + list(saved[k + 1].split(sizes[k + 1])))
                 g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params_k, g)]
                 torch.cat([gi.reshape(-1) for gi in g[: len(self.shared)]], out=sam_shared[k])
-                sam_heads.append(g[len(self.shared) :])
+                torch._foreach_copy_(sam_heads[k], g[len(self.shared) :])
+        if sync is not None:
+            sync.all_reduce_mean_([sam_flat])
 
         loss_values = torch.stack([x.detach() for x in losses])
-        update = self.aggregator(g_shared, loss_values) + self.aggregator(sam_shared - g_shared, loss_values)
+        with _rank0_draws(sync, self.aggregator, g_shared.device):
+            update = self.aggregator(g_shared, loss_values) + self.aggregator(sam_shared - g_shared, loss_values)
         factor = aggregator_scale(self.aggregator, K, self.aggregator_scale, "sam")
         if factor != 1.0:
             update = update * factor
@@ -205,7 +220,7 @@ class TaskSAM:
             p.grad = g.view_as(p).to(p.dtype)
         for head, head_grads in zip(self.heads, sam_heads):
             for p, g in zip(head, head_grads):
-                p.grad = g.to(p.dtype)
+                p.grad = g.to(p.dtype, copy=True)  # not a view: .grad must not keep stage 2's buffer alive
         self.optimizer.step()
         return {"losses": loss_values,
                 "penalty": None if penalty is None else penalty.detach()}

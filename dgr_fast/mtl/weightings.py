@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from dgr_fast.distributed import check_process_group, sync_for
+
 __all__ = ["Weighting", "EqualWeighting", "DWA", "UncertaintyWeighting", "RLW"]
 
 LossesLike = Tensor | Sequence[Tensor]
@@ -81,10 +83,16 @@ class DWA(Weighting):
     by its relative size instead. Averages are kept in float64 on the losses' device (no synchronisation per step);
     ``end_epoch()`` moves them to the CPU once per epoch and refuses non-positive or non-finite averages, for which
     the ratio is meaningless. The epoch statistics are part of ``state_dict()``.
+
+    ``process_group``: under ``torch.distributed``, ``None`` (the default group) or a group: ``end_epoch()`` averages
+    the epoch's loss sums over the ranks (one all-reduce of K numbers; every rank takes the same number of steps),
+    so every rank weighs the tasks alike by the global batch's averages; ``"local"``: each rank's own averages.
     """
 
-    def __init__(self, temperature: float = 2.0) -> None:
+    def __init__(self, temperature: float = 2.0, process_group: object = None) -> None:
         super().__init__()
+        check_process_group(process_group)
+        self.process_group = process_group
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
@@ -124,6 +132,9 @@ class DWA(Weighting):
         """Closes the epoch: its average losses become the newest of the two that set the next epoch's weights."""
         if self._epoch_sum is None:
             raise RuntimeError("DWA.end_epoch() was called with no losses recorded since the last call")
+        sync = sync_for(self.process_group)
+        if sync is not None:
+            sync.all_reduce_mean_([self._epoch_sum])
         average = (self._epoch_sum / self._epoch_batches).cpu()
         if not bool(torch.isfinite(average).all() and (average > 0).all()):
             raise ValueError(f"DWA needs positive, finite average losses; epoch {self._epochs_done} averaged to "

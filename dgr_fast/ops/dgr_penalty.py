@@ -44,6 +44,7 @@ from torch import Tensor
 from torch._C import _functions
 
 from dgr_fast.backends import resolve_backend
+from dgr_fast.distributed import sync_for
 from dgr_fast.reference import dgr as ref
 
 LOSS_CODES = {"ce": 0, "bce": 1, "mse": 2, "l1": 3}
@@ -97,11 +98,8 @@ class Packed:
 
     @cached_property
     def labels(self) -> list[Tensor | None]:
-        """Per task: ``"ce"`` class indices as int64 rows ``[R]`` (0 where invalid), else None. The ``torch``
-        backend reads these rather than ``Rows.y``, whose float copy of an index is exact only below 2^24 (fp32)."""
-        valid = self.validity[0]
-        return [torch.where(v, t, 0).reshape(-1) if code == LOSS_CODES["ce"] else None
-                for code, t, v in zip(self.losses, self.targets, valid)]
+        """``class_rows`` of the problem, built on first use."""
+        return class_rows(self.targets, self.validity[0], self.losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,11 +249,23 @@ def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], igno
     return valid
 
 
-def row_scales(valid: Sequence[Tensor | None], per_row: Sequence[int], z3: Tensor, acc: torch.dtype) -> Tensor:
-    """``scales [T] = 1 / max(n_t, 1)`` in ``acc``: ``n_t`` valid rows of ``z3 [B, D, P]`` times ``per_row[t]``."""
+def row_counts(valid: Sequence[Tensor | None], per_row: Sequence[int], z3: Tensor, acc: torch.dtype) -> Tensor:
+    """``n_t [T]`` in ``acc``: the valid rows of ``z3 [B, D, P]`` times ``per_row[t]``."""
     rows = z3.shape[0] * z3.shape[2]
     counts = [(torch.tensor(rows, device=z3.device) if v is None else v.sum()) * k for v, k in zip(valid, per_row)]
-    return 1 / torch.stack(counts).clamp_min(1).to(acc)
+    return torch.stack(counts).to(acc)
+
+
+def row_scales(valid: Sequence[Tensor | None], per_row: Sequence[int], z3: Tensor, acc: torch.dtype) -> Tensor:
+    """``scales [T] = 1 / max(n_t, 1)`` in ``acc`` (``row_counts``)."""
+    return 1 / row_counts(valid, per_row, z3, acc).clamp_min(1)
+
+
+def class_rows(targets: Sequence[Tensor], valid: Sequence[Tensor | None], losses: Sequence[int]) -> list[Tensor | None]:
+    """Per task: ``"ce"`` class indices as int64 rows ``[R]`` (0 where invalid), else None. The ``torch`` backend
+    reads these rather than ``Rows.y``, whose float copy of an index is exact only up to 2^24 (fp32)."""
+    return [torch.where(v, t, 0).reshape(-1) if code == LOSS_CODES["ce"] else None
+            for code, t, v in zip(losses, targets, valid)]
 
 
 def pack_rows(z3: Tensor, targets: Sequence[Tensor], valid: Sequence[Tensor | None], scales: Tensor,
@@ -433,17 +443,29 @@ def _kernels(backend: str):
         from dgr_fast.kernels import dgr_penalty as triton_kernels
 
         fwd, bwd = triton_kernels.forward, triton_kernels.backward
+    elif backend == "torch":
+        # The closed form as a pass pair: what the global (distributed) penalty runs on each rank.
+        def fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets, labels):
+            return _torch_gradients(z3, weight, bias, torch.ones_like(bias), y, labels, omega, losses, col_offsets,
+                                    y_offsets)
+
+        def bwd(z3, weight, bias, y, omega, gt_w, gt_b, losses, col_offsets, y_offsets, labels):
+            return _torch_features_grad(z3, weight, bias, y, labels, omega, gt_w, gt_b, losses, col_offsets, y_offsets)
     else:
         raise ValueError(f"no fused kernels for backend {backend!r}")
 
     # These kernels read the targets packed into rows, with validity and scales found by torch ops: packed in each
     # pass, so that only one pass's copy is alive (the backward's targets were checked by the forward). The per-task
-    # sums and scalings the cpp ops do inside are torch ops here.
+    # sums and scalings the cpp ops do inside are torch ops here. The torch closed form also reads the class indices
+    # as integers (class_rows).
+    def labels(targets, valid, losses) -> tuple:
+        return (class_rows(targets, valid, losses),) if backend == "torch" else ()
+
     def forward(z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets, _stash):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets)
         scales = row_scales(valid, per_row, z3, weight.dtype)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
-        g_w, g_b = fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets)
+        g_w, g_b = fwd(z3, weight, bias, y, omega, losses, col_offsets, y_offsets, *labels(targets, valid, losses))
         if not all(has_bias):
             g_b = g_b * column_mask(has_bias, col_offsets, g_b)
         return task_penalties(g_w, g_b, col_offsets), g_w, g_b, scales, None
@@ -452,7 +474,8 @@ def _kernels(backend: str):
         valid = row_validity(targets, masks, ignore_index, losses, col_offsets, check=False)
         y, omega, y_offsets = pack_rows(z3, targets, valid, scales, losses)
         scale = row_scale(grad, col_offsets)
-        return bwd(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets)
+        return bwd(z3, weight, bias, y, omega, scale[:, None] * g_w, scale * g_b, losses, col_offsets, y_offsets,
+                   *labels(targets, valid, losses))
 
     return forward, backward
 
@@ -578,6 +601,40 @@ class _FusedPenalty(torch.autograd.Function):
         return _features_grad(ctx, grad, eager=True), *([None] * 11)
 
 
+class _GlobalPenalty(torch.autograd.Function):
+    """The penalty of the global batch over the ranks of ``sync`` (distributed training), on any backend's passes.
+
+    ``G`` is a mean over the valid rows of every rank: each rank's pass 1 gives its ``G`` normalised by its own
+    ``n_t``; ``n_t G`` (the unnormalised sums) and ``n_t`` go out in one ``[C (D + 1) + T]`` all-reduce, and
+    ``G = sum(n_t G) / sum(n_t)`` and ``R`` are the same on every rank. Pass 2 gives each rank the exact gradient of
+    the global ``R`` w.r.t. its own rows (``omega`` with the global ``n_t``), times the world size W: the averaging of
+    parameter gradients that follows (DDP's, or the library's) then yields the global penalty's exact gradient."""
+
+    @staticmethod
+    def forward(ctx, features, z3, weight, bias, has_bias, targets, masks, ignore_index, per_row, losses, col_offsets,
+                backend, sync):
+        valid = row_validity(targets, masks, ignore_index, losses, col_offsets)
+        counts = row_counts(valid, per_row, z3, weight.dtype)
+        _, g_w, g_b, _, _ = _kernels(backend)[0](z3, weight, bias, has_bias, targets, masks, ignore_index, per_row,
+                                                 losses, col_offsets, False)
+        unscale = row_scale(counts.clamp_min(1), col_offsets)
+        sums = torch.cat([(g_w * unscale[:, None]).reshape(-1), g_b * unscale, counts])
+        sync.all_reduce_sum_([sums])
+        c, d = g_w.shape
+        counts = sums[c * (d + 1) :]
+        rescale = row_scale(1 / counts.clamp_min(1), col_offsets)
+        g_w = sums[: c * d].view(c, d) * rescale[:, None]
+        g_b = sums[c * d : c * (d + 1)] * rescale
+        _save(ctx, features, z3, weight, bias, targets, masks, ignore_index, losses, col_offsets, backend, g_w, g_b,
+              1 / counts.clamp_min(1))
+        ctx.features_shape, ctx.stash, ctx.world_size = features.shape, None, sync.world_size
+        return task_penalties(g_w, g_b, col_offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _features_grad(ctx, grad * ctx.world_size, eager=True), *([None] * 12)
+
+
 _ONCE_DIFFERENTIABLE = (
     "dgr_penalty backend {!r}: the fused backward is once-differentiable; for a second derivative "
     "use backend='torch' or backend='reference'"
@@ -652,14 +709,19 @@ def dgr_penalty_per_task(
     ignore_index: int | Sequence[int] = -100,
     reductions: Sequence[str] | str | None = None,
     backend: str | None = None,
+    process_group: object = None,
 ) -> Tensor:
     """Unweighted per-task penalties ``[T]`` (fp32, or fp64 for fp64 features); arguments as ``dgr_penalty``."""
     weights, biases, targets, losses, masks, ignore_index, reductions = _check_inputs(
         features, weights, biases, targets, losses, masks, ignore_index, reductions
     )
+    sync = sync_for(process_group)
     ce_classes = max([w.shape[0] for w, loss in zip(weights, losses) if loss == "ce"], default=0)
     shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1], ce_classes)
     name = _resolve(features.device, features.dtype, backend, shape)
+    if sync is not None and name == "reference":
+        raise ValueError("process_group: the reference backend computes each rank's own penalty only; give "
+                         "process_group='local' for that, or another backend for the global batch's penalty")
     if name == "reference":
         codes = [LOSS_CODES[loss] for loss in losses]
         row_validity(targets, masks, ignore_index, codes, [0, *itertools.accumulate(w.shape[0] for w in weights)])
@@ -669,11 +731,13 @@ def dgr_penalty_per_task(
             targets, losses, masks, ignore_index, reductions,
         )
     p = pack(features, weights, biases, targets, losses, masks, ignore_index, reductions)
+    args = (p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
+    if sync is not None:
+        return _GlobalPenalty.apply(features, p.z3.detach(), *args, sync)
     if name == "torch":
         y, omega, y_offsets = p.rows
         return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, p.labels, omega, p.losses, p.col_offsets,
                                    y_offsets)
-    args = (p.weight, p.bias, p.has_bias, p.targets, p.masks, p.ignore_index, p.per_row, p.losses, p.col_offsets, name)
     if torch.compiler.is_compiling():
         return _fused_fwd(p.z3, *args)[0]
     return _FusedPenalty.apply(features, p.z3.detach(), *args)
@@ -700,6 +764,7 @@ def dgr_penalty(
     reductions: Sequence[str] | str | None = None,
     norm: str = "squared",
     backend: str | None = None,
+    process_group: object = None,
 ) -> Tensor:
     """DGR penalty of linear (1x1-convolution) dummy heads on shared features, with its exact gradient.
 
@@ -722,6 +787,10 @@ def dgr_penalty(
         norm: ``"squared"`` (``R``, the official code) or ``"l2"`` (``sqrt(R)``, gradient 0 at 0).
         backend: ``None`` (fastest that supports the inputs, or ``$DGR_FAST_BACKEND``) or a name from
             ``dgr_fast.BACKENDS``.
+        process_group: under ``torch.distributed``, ``None`` (the default group) or a group: the penalty of the
+            *global* batch (``G`` and the valid counts all-reduced, one ``[C (D + 1) + T]`` buffer), its gradient
+            times the world size so that averaging the parameter gradients over the ranks (DDP) gives its exact
+            gradient; ``"local"``: each rank's own penalty. A collective: every rank must call it.
     Returns:
         0-dim tensor, fp32 (fp64 for fp64 features), differentiable w.r.t. ``features`` (and ``task_weights``).
         A batch with nothing valid gives 0 with a zero gradient.
@@ -729,7 +798,8 @@ def dgr_penalty(
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     per_task = dgr_penalty_per_task(
-        features, weights, biases, targets, losses, masks=masks, ignore_index=ignore_index, reductions=reductions, backend=backend
+        features, weights, biases, targets, losses, masks=masks, ignore_index=ignore_index, reductions=reductions,
+        backend=backend, process_group=process_group,
     )
     return apply_norm(weighted_sum(per_task, task_weights), norm)
 
