@@ -50,6 +50,18 @@ def test_mean_and_sum_are_exact(dtype):
     assert torch.equal(Sum().weights(G), torch.ones(5, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sum_refuses_an_overflowing_sum_but_not_an_update_whose_total_overflows(dtype):
+    big = torch.finfo(dtype).max
+    # finite gradients whose sum over tasks overflows G's dtype
+    with pytest.raises(ValueError, match="finite but its sum over tasks overflows"):
+        Sum()(torch.full((2, 3), 0.75 * big, dtype=dtype))
+    # a finite update whose entries add up to more than the dtype holds: the check must not take that for overflow
+    G = torch.full((2, 8), 0.25 * big, dtype=dtype)
+    assert torch.equal(Sum()(G), torch.full((8,), 0.5 * big, dtype=dtype))
+    assert torch.equal(Mean()(G), G[0])
+
+
 # ---------------------------------------------------------------- PCGrad
 
 
@@ -168,6 +180,43 @@ def test_mgda_loss_normalization_needs_positive_losses():
         MGDA("loss")(G)
     with pytest.raises(ValueError, match="losses"):
         MGDA("loss+")(G, [1.0, 0.0, 2.0])
+
+
+def brute_force_min_norm_point(G: torch.Tensor) -> torch.Tensor:
+    """The min-norm point of the hull of G's rows (K <= 4), by enumeration: for every support, the affine min-norm
+    point min_t |g_a + sum_i t_i (g_i - g_a)| solved by least squares on the vectors (no Gram matrix, so the
+    condition number is not squared), kept when its weights are >= 0; the smallest of those."""
+    G = G.double()
+    K = G.shape[0]
+    best = None
+    for n in range(1, K + 1):
+        for support in itertools.combinations(range(K), n):
+            anchor, others = support[0], list(support[1:])
+            w = torch.zeros(K, dtype=torch.float64)
+            w[anchor] = 1.0
+            if others:
+                t = torch.linalg.lstsq((G[others] - G[anchor]).T, -G[anchor, :, None], driver="gelsd").solution[:, 0]
+                w[others] = t
+                w[anchor] = 1.0 - t.sum()
+                if bool((w < 0).any()):
+                    continue
+            x = w @ G
+            if best is None or float(x.norm()) < float(best.norm()):
+                best = x
+    return best
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1e3, 1e6])
+@pytest.mark.parametrize("K,P", [(2, 2), (2, 40), (3, 3), (3, 40), (4, 4), (4, 40)])
+def test_mgda_is_the_brute_force_min_norm_point_at_any_norm_ratio(K, P, ratio):
+    # One task's gradient `ratio` times the others': the min-norm point then lies mostly on the small tasks. P >= K
+    # keeps zero out of the hull (almost surely), so that the relative error is defined.
+    for seed in range(3):
+        G = torch.randn(K, P, dtype=torch.float64, generator=seeded(seed))
+        G[seed % K] *= ratio
+        expected = brute_force_min_norm_point(G)
+        d = MGDA()(G)
+        assert float((d - expected).norm()) <= 1e-8 * float(expected.norm()), (seed, float(expected.norm()))
 
 
 # ---------------------------------------------------------------- IMTL-G
@@ -293,6 +342,90 @@ def test_cagrad_with_a_zero_gradient_is_optimal(seed):
     assert_cagrad_optimal(G, 0.4, 1e-9)
 
 
+def golden_section_min(f, lo: float, hi: float, iters: int = 80) -> float:
+    """The minimiser of a convex f on [lo, hi]."""
+    r = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - r * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + r * (b - a)
+            fd = f(d)
+    return 0.5 * (a + b)
+
+
+def cagrad_by_golden_section(G: torch.Tensor, c: float) -> torch.Tensor:
+    """CAGrad's raw direction g0 + rho g_w / |g_w| from its convex dual min_w <g_w, g0> + rho |g_w|, solved for K = 2
+    or 3 by (nested) golden-section searches over the simplex, in float64: for K = 3, w = (x, (1 - x) y,
+    (1 - x)(1 - y)), and the minimum over y is convex in x (a partial minimum of a convex function)."""
+    G = G.double()
+    K = G.shape[0]
+    A, g0 = (G @ G.T).tolist(), G.mean(0)
+    a, rho = (G @ g0).tolist(), c * float(g0.norm())
+
+    def dual(w):
+        gw_sq = sum(w[i] * w[j] * A[i][j] for i in range(K) for j in range(K))
+        return sum(w[i] * a[i] for i in range(K)) + rho * math.sqrt(max(gw_sq, 0.0))
+
+    if K == 2:
+        x = golden_section_min(lambda x: dual((x, 1.0 - x)), 0.0, 1.0)
+        w = (x, 1.0 - x)
+    else:
+        def on_slice(x, y):
+            return (x, (1.0 - x) * y, (1.0 - x) * (1.0 - y))
+
+        def best_on_slice(x):
+            return on_slice(x, golden_section_min(lambda y: dual(on_slice(x, y)), 0.0, 1.0))
+
+        w = best_on_slice(golden_section_min(lambda x: dual(best_on_slice(x)), 0.0, 1.0))
+    gw = torch.tensor(w, dtype=torch.float64) @ G
+    return g0 + rho * gw / gw.norm()
+
+
+@pytest.mark.parametrize("K,ratio,dtype,rtol", [(2, 1e3, torch.float32, 1e-5), (3, 500.0, torch.float32, 1e-5),
+                                                (3, 1.0, torch.float64, 1e-6), (2, 1e6, torch.float64, 1e-6),
+                                                (3, 1e6, torch.float64, 1e-6)])
+def test_cagrad_with_a_dominant_task_matches_an_independent_dual_solver(K, ratio, dtype, rtol):
+    # The dual optimum lies on the small tasks; its |g_w|^2 is tiny next to the dominant |g_k|^2 but far above the
+    # rounding of g_w, so it is not the "g_w* = 0" case (whose update, the cone projection, is a different one).
+    for seed in range(2):
+        G = torch.randn(K, 1000, dtype=torch.float64, generator=seeded(seed))
+        G[seed % K] *= ratio
+        G = G.to(dtype)
+        expected = cagrad_by_golden_section(G, 0.4)
+        d = CAGrad(0.4, rescale=False)(G).double()
+        assert float((d - expected).norm()) <= rtol * float(expected.norm()), seed
+
+
+@pytest.mark.parametrize("K", [5, 9, 13])
+def test_cagrad_is_optimal_when_the_norms_span_many_orders_of_magnitude(K):
+    # Norms log-normal over ~10^+-6: the dual optimum |g_w*| is many orders below the largest |g_k|. Optimality by
+    # duality (primal <= dual for any feasible pair, so equality certifies both), with a tolerance relative to the
+    # rounding scale of the active tasks' dot products instead of the largest squared norm.
+    for seed in range(3):
+        G = torch.randn(K, 60, dtype=torch.float64, generator=seeded(seed))
+        G *= 10.0 ** (3 * torch.randn(K, 1, dtype=torch.float64, generator=seeded(100 + seed)))
+        beta = CAGrad(0.4, rescale=False).weights(G)
+        d = beta @ G
+        g0 = G.mean(0)
+        rho = 0.4 * float(g0.norm())
+        assert float((d - g0).norm()) <= rho * (1 + 1e-9)
+        extra = beta - 1.0 / K
+        assert float(extra.min()) >= -1e-12 * float(extra.abs().max())
+        w = extra / extra.sum()
+        gw = w @ G
+        dual = float(gw @ g0 + rho * gw.norm())
+        primal = float((G @ d).min())
+        scale = float(d.norm()) * float(G.norm(dim=1)[w > 1e-12].max())
+        assert abs(primal - dual) <= 1e-10 * scale, seed
+
+
 # ---------------------------------------------------------------- Nash-MTL
 
 
@@ -331,6 +464,22 @@ def test_nashmtl_edge_cases():
     assert alpha[1] == 0 and (alpha[[0, 2]] > 0).all()
     live = G[[0, 2]]
     torch.testing.assert_close(live @ live.T @ alpha[[0, 2]], 1 / alpha[[0, 2]], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("K,ratio,dtype,rtol", [(8, 150.0, torch.float32, 1e-5), (3, 500.0, torch.float32, 1e-5),
+                                                (2, 1e3, torch.float32, 1e-5), (8, 1e6, torch.float64, 1e-12),
+                                                (3, 1e9, torch.float64, 1e-12)])
+def test_nashmtl_with_a_dominant_task_solves_the_bargaining_equation(K, ratio, dtype, rtol):
+    # Unit gradients in 10^4 dimensions are nearly orthogonal: zero is far from their hull, whatever the norms.
+    G = torch.randn(K, 10_000, dtype=torch.float64, generator=seeded(K))
+    G[0] *= ratio
+    G = G.to(dtype)
+    alpha = NashMTL().weights(G).double()
+    d = NashMTL()(G).double()
+    assert (alpha > 0).all()
+    residual = alpha * (G.double() @ d) - 1.0  # <g_k, d> alpha_k = 1 for every task
+    assert float(residual.abs().max()) <= rtol
+    assert abs(float(d.norm()) - math.sqrt(K)) <= rtol * math.sqrt(K)
 
 
 # ---------------------------------------------------------------- GradDrop
@@ -381,6 +530,58 @@ def test_odd_sizes_give_a_finite_update_of_the_right_shape(index, K, P):
     assert d.shape == (P,) and d.dtype == torch.float64 and bool(torch.isfinite(d).all())
     if isinstance(agg, LinearAggregator) and not isinstance(agg, PCGrad):
         torch.testing.assert_close(d, agg.weights(G) @ G, rtol=1e-10, atol=1e-12)
+
+
+class CallBudget:
+    """Wraps a solver of ``dgr_fast.mtl.aggregators`` and fails as soon as it is called more than ``limit`` times."""
+
+    def __init__(self, function, limit: int) -> None:
+        self.function, self.limit, self.calls = function, limit, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        assert self.calls <= self.limit, f"{self.function.__name__} called more than {self.limit} times"
+        return self.function(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [2, 3, 8, 16, 50])
+def test_cancelling_gradients_finish_in_a_bounded_number_of_solver_calls(K, dtype, monkeypatch):
+    # Rows that sum to zero make g0 = mean zero to rounding (CAGrad's rho = c |g0| too), K > P makes zero lie in the
+    # hull, and float32 rounding makes the Gram matrix indefinite at its rounding level: the solvers must still stop.
+    # Bounds: CAGrad's bisection on t = |g_w| in (0, 1] resolves t to float64 precision in at most 11 steps that find
+    # its binary exponent (float64 has 2^11 of them) and 53 for its mantissa, plus the min-norm points of the hull
+    # and at the two ends. Wolfe's method needs about K major cycles of at most P + 1 sub-problems (a corral of
+    # P-dimensional points has at most P + 1 of them), and 2 K cycles leave room.
+    from dgr_fast.mtl import aggregators
+
+    bisection_budget = 11 + (1 - int(math.log2(torch.finfo(torch.float64).eps))) + 3
+    original_min_norm = aggregators._min_norm_weights
+    solve = CallBudget(aggregators._bordered_solve, math.inf)  # counts the sub-problems only
+    monkeypatch.setattr(aggregators, "_bordered_solve", solve)
+    for P in (1, 2, 3):
+        wolfe_budget = 2 * K * (P + 1)
+
+        def min_norm(M):
+            before = solve.calls
+            w = original_min_norm(M)
+            assert solve.calls - before <= wolfe_budget, f"Wolfe's method took {solve.calls - before} sub-problems"
+            return w
+
+        for residue in (0.0, 1e-6, 1e-3):  # exact cancellation, and g0 just above and well above rounding
+            G = torch.randn(K, P, dtype=torch.float64, generator=seeded(K + P))
+            G = (G - G.mean(0) + residue * torch.randn(P, dtype=torch.float64, generator=seeded(1))).to(dtype)
+            for agg in (CAGrad(), CAGrad(0.8, rescale=False), NashMTL(), MGDA(), MGDA("l2"), IMTLG(), PCGrad()):
+                monkeypatch.setattr(aggregators, "_min_norm_weights", CallBudget(min_norm, bisection_budget))
+                d = agg(G)
+                assert d.shape == (P,) and bool(torch.isfinite(d).all()), (agg, P, residue)
+        # CAGrad's update stays in its ball |d - g0| <= c |g0|, which for cancelling rows is at the rounding level
+        G = torch.randn(K, P, dtype=torch.float64, generator=seeded(K + P))
+        G = (G - G.mean(0)).to(dtype)
+        g0 = G.double().mean(0)
+        d = CAGrad(0.4, rescale=False)(G).double()
+        scale = float(G.double().norm(dim=1).max())
+        assert float((d - g0).norm()) <= 0.4 * float(g0.norm()) + 10 * K * torch.finfo(dtype).eps * scale
 
 
 @pytest.mark.parametrize("index", range(len(all_aggregators())), ids=aggregator_ids())

@@ -39,10 +39,21 @@ __all__ = [
 
 LossesLike = Tensor | Sequence[float | Tensor]
 
-# The small solvers stop on these, measured on a Gram matrix scaled to a unit largest diagonal.
-_GAP_TOL = 1e-13  # Wolfe's duality gap |x|^2 - min_j <x, g_j>
-_NEWTON_TOL = 1e-26  # squared Newton decrement of the Nash-MTL objective
-_MAX_ITERS = 500  # guards against cycling from rounding; the exact methods finish in O(K) steps
+# The small solvers run in float64, whatever G's dtype; their tolerances are relative, so that they hold at any ratio
+# of the task-gradient norms.
+_EPS64 = torch.finfo(torch.float64).eps
+# Relative tolerance of the optimality conditions, on top of their rounding: Wolfe's |x|^2 - <x, p_j> relative to
+# |x|^2, the cone projection's cosines of <g_k, d> < 0.
+_GAP_TOL = 1e-13
+_NEWTON_TOL = 1e-26  # squared Newton decrement of the Nash-MTL objective (affine invariant, so scale-free)
+# A hard cap on the active-set iterations. The solvers also stop as soon as an iteration fails to decrease their
+# objective, which in exact arithmetic every iteration does: then they are at the rounding floor.
+_MAX_ITERS = 500
+# CAGrad's geometric bisection on t = |g_w| in [t_lo, 1] (units of the largest task-gradient norm) with
+# t_lo >= _T_FLOOR = 2^-511: 9 steps bring the ratio of the ends to 2, and 53 more to 1 + eps, beyond which float64 has
+# no midpoint.
+_T_FLOOR = math.sqrt(torch.finfo(torch.float64).tiny)  # the smallest t whose square is a normal float64
+_BISECTION_STEPS = 64
 # Least-squares solves treat singular values below this fraction of the largest as zero: dependent gradients (a
 # duplicate, a multiple of another) make the small systems singular up to rounding, and an unregularised solve would
 # return huge coefficients that cancel.
@@ -101,14 +112,26 @@ def _gram(Gc: Tensor, G: Tensor) -> Tensor:
 
 def _bordered_solve(M: Tensor, rhs: Tensor) -> Tensor:
     """``w`` from ``[[M, 1], [1^T, 0]] [w; nu] = [b; e]`` (``rhs = [b; e]``, ``[n + 1, m]``): the KKT system of
-    ``min w^T M w / 2 - b^T w`` subject to ``sum(w) = e``. Least squares (SVD), so a singular system still yields its
-    minimum-norm solution."""
+    ``min w^T M w / 2 - b^T w`` subject to ``sum(w) = e``. Least squares (SVD), so a singular system still yields a
+    least-squares solution.
+
+    The system is first scaled symmetrically to a unit diagonal (``M_ij / (d_i d_j)`` with ``d_i = sqrt(M_ii)``, the
+    border scaled to at most 1): task gradients whose norms differ by a factor r make ``M``'s singular values differ
+    by r^2, and the SVD cut-off ``_RCOND`` would then discard the small tasks as if they were rounding noise. After the
+    scaling, small singular values mean near-dependent *directions*, which is what the cut-off is for."""
     n = M.shape[0]
+    d = M.diagonal().clamp(min=0.0).sqrt()
+    d = torch.where(d > 0, d, torch.ones_like(d))  # a zero point has no scale to remove
+    border = d.min() / d
     system = M.new_zeros(n + 1, n + 1)
-    system[:n, :n] = M
-    system[:n, n] = 1.0
-    system[n, :n] = 1.0
-    return torch.linalg.lstsq(system, rhs, rcond=_RCOND, driver="gelsd").solution[:n]
+    system[:n, :n] = M / (d[:, None] * d[None, :])
+    system[:n, n] = border
+    system[n, :n] = border
+    scaled_rhs = rhs.clone()
+    scaled_rhs[:n] /= d[:, None]
+    scaled_rhs[n] *= d.min()
+    solution = torch.linalg.lstsq(system, scaled_rhs, rcond=_RCOND, driver="gelsd").solution
+    return solution[:n] / d[:, None]
 
 
 def _step_to_first_zero(current: Tensor, target: Tensor) -> Tensor:
@@ -117,18 +140,48 @@ def _step_to_first_zero(current: Tensor, target: Tensor) -> Tensor:
     weight is set to exactly 0 (and rounding below 0 clamped), so the caller's support drops it."""
     blocked = target <= 0
     ratios = torch.full_like(target, math.inf)
-    ratios[blocked] = current[blocked] / (current[blocked] - target[blocked])
+    denominator = current[blocked] - target[blocked]
+    # 0 / 0 where a weight that is still zero (a point just added) has a zero target: it stays at zero
+    ratios[blocked] = torch.where(denominator > 0, current[blocked] / denominator, 0.0)
     first = int(ratios.argmin())
     stepped = (current + ratios[first] * (target - current)).clamp(min=0.0)
     stepped[first] = 0.0
     return stepped
 
 
+def _rounding_floor(M: Tensor, w: Tensor) -> float:
+    """The float64 rounding level of ``|x|^2 = w^T M w`` for ``x = sum_i w_i p_i`` (``M``: the Gram matrix of the
+    points ``p_i``): ``K eps (sum_i |w_i| |p_i|)^2``. Changes of ``|x|^2`` below it cannot be told from rounding."""
+    norms = M.diagonal().clamp(min=0.0).sqrt()
+    return M.shape[0] * _EPS64 * float(w.abs() @ norms) ** 2
+
+
+def _kkt_violations(M: Tensor, w: Tensor, rel_tol: float) -> tuple[float, Tensor]:
+    """``|x|^2`` and, per point j, how far ``x = sum_i w_i p_i`` (``M``: the Gram matrix of the points ``p_i``)
+    violates the min-norm optimality condition ``<p_j, x> >= |x|^2`` beyond what ``rel_tol |x|^2`` and rounding
+    allow: positive where adding p_j would still shorten x. The rounding allowance of ``|x|^2 - <p_j, x>`` is
+    ``K eps (sum_i w_i |p_i|) (sum_i w_i |p_i| + |p_j|)``. Relative, so it means the same at any ratio of the points'
+    norms; an absolute gap on a matrix with a unit largest diagonal is huge next to a small |x|^2, and ``<p_j, x>``
+    for a long p_j carries rounding that is huge next to it."""
+    Mw = M @ w
+    x_sq = float(w @ Mw)
+    norms = M.diagonal().clamp(min=0.0).sqrt()
+    combined = float(w.abs() @ norms)
+    allowed = rel_tol * max(x_sq, 0.0) + M.shape[0] * _EPS64 * combined * (combined + norms)
+    return x_sq, (x_sq - Mw) - allowed
+
+
 def _min_norm_weights(M: Tensor) -> Tensor:
     """Weights ``w`` on the simplex minimising ``w^T M w``: the min-norm point of the convex hull of points whose Gram
     matrix is ``M`` (``[K, K]`` PSD, float64). Wolfe's (1976) algorithm, exact up to rounding: a corral of affinely
     independent points, the affine min-norm point of the corral, and line steps that drop points with zero weight.
-    Off the support the weights are exactly zero. All-zero points give uniform weights."""
+    The entering point is the one that violates the optimality condition most beyond its tolerance
+    (``_kkt_violations`` with ``_GAP_TOL``). It stops when none does, when that point is already in the corral, or
+    when a major cycle fails to decrease ``|x|^2`` by more than its rounding floor (in exact arithmetic each one
+    decreases it: the floor is reached, e.g. on a Gram matrix that rounding made slightly indefinite, where the same
+    corral would otherwise come back again and again), so it always ends, after at most ``_MAX_ITERS`` major cycles
+    of at most K sub-problems each. Off the support the weights are exactly zero. All-zero points give uniform
+    weights."""
     K = M.shape[0]
     scale = float(M.diagonal().max())
     if scale <= 0.0:
@@ -137,13 +190,13 @@ def _min_norm_weights(M: Tensor) -> Tensor:
     w = M.new_zeros(K)
     start = int(M.diagonal().argmin())
     w[start] = 1.0
-    support = torch.zeros(K, dtype=torch.bool)
-    support[start] = True
     for _ in range(_MAX_ITERS):
-        Mw = M @ w
-        j = int(Mw.argmin())
-        if float(w @ Mw - Mw[j]) <= _GAP_TOL or bool(support[j]):
+        x_sq, violations = _kkt_violations(M, w, _GAP_TOL)
+        j = int(violations.argmax())
+        support = w > 0
+        if bool(support[j]) or not float(violations[j]) > 0.0:
             break
+        trial = w.clone()
         support[j] = True
         while True:
             idx = support.nonzero().flatten()
@@ -152,21 +205,33 @@ def _min_norm_weights(M: Tensor) -> Tensor:
             rhs[n] = 1.0
             v = _bordered_solve(M[idx][:, idx], rhs)[:, 0]
             if bool((v > 0).all()):
-                w.zero_()
-                w[idx] = v
+                trial.zero_()
+                trial[idx] = v
                 break
-            # Move from w towards the affine minimiser until the first weight reaches zero, and drop that point.
-            current = _step_to_first_zero(w[idx], v)
-            w.zero_()
-            w[idx] = current / current.sum()
-            support = w > 0
+            # Move towards the affine minimiser until the first weight reaches zero, and drop that point.
+            current = _step_to_first_zero(trial[idx], v)
+            total = float(current.sum())
+            if not total > 0.0:  # rounding broke the sub-problem (the step keeps sum 1 in exact arithmetic)
+                break
+            trial.zero_()
+            trial[idx] = current / total
+            support = trial > 0
+        if not float(trial @ M @ trial) < x_sq - _rounding_floor(M, w):
+            break
+        w = trial
     return w
 
 
 def _zero_level(num_tasks: int, eps: float) -> float:
-    """Squared norm, relative to the largest squared task-gradient norm, below which a combination of the gradients
-    cannot be told from zero: rounding in a Gram matrix computed with unit roundoff ``eps``, or the solvers' gap."""
-    return max(10.0 * _GAP_TOL, 8.0 * num_tasks * eps)
+    """Squared norm, relative to the rounding scale ``(sum_k w_k |g_k|)^2`` of a combination ``sum_k w_k g_k``, below
+    which the combination cannot be told from zero: the rounding of ``w^T A w`` in a Gram matrix computed with unit
+    roundoff ``eps``."""
+    return 8.0 * num_tasks * eps
+
+
+def _rounding_scale(A: Tensor, w: Tensor) -> float:
+    """``(sum_k |w_k| |g_k|)^2`` (``A``: the Gram matrix): the scale of the rounding in ``w^T A w``."""
+    return float(w.abs() @ A.diagonal().clamp(min=0.0).sqrt()) ** 2
 
 
 def _support_key(w: Tensor) -> tuple[int, ...]:
@@ -238,7 +303,10 @@ class _Uniform(LinearAggregator):
     def _aggregate(self, G: Tensor, losses: Tensor | None) -> Tensor:
         reduce = G.mean if self._mean else G.sum
         out = reduce(dim=0, dtype=_compute_dtype(G.dtype)).to(G.dtype)
-        if not bool(torch.isfinite(out).all()):
+        # A non-finite entry of G makes its column of out non-finite, and that makes out's total non-finite: one
+        # reduction over P instead of an isfinite pass and an all(). The total of a finite out can overflow, so a
+        # non-finite total is only a hint, confirmed element-wise.
+        if not bool(out.sum(dtype=_compute_dtype(G.dtype)).isfinite()) and not bool(torch.isfinite(out).all()):
             _raise_nonfinite(G, "sum over tasks")
         return out
 
@@ -318,18 +386,26 @@ class CAGrad(_GramAggregator):
 
     Solver (exact, no scipy): for t > 0, the minimiser of ``<g0, x> + rho (|x|^2 / (2t) + t / 2)`` over the hull is
     the min-norm point of the hull shifted by ``(t / rho) g0`` (Wolfe's algorithm on a shifted Gram matrix), and
-    the dual optimum is where ``|x(t)| = t``. A bisection on t finds the active set; on a fixed active set ``x`` is
-    affine in t, so the root is a quadratic equation, solved exactly and checked against the optimality conditions.
+    the dual optimum is where ``|x(t)| = t``. The root lies in ``[|x0|, max_k |g_k|]`` (x0: the min-norm point of
+    the hull); a geometric bisection on t, which resolves it relative to its own size and so takes at most 64
+    steps in float64, finds the active set. On a fixed active set ``x`` is affine in t, so the root is a quadratic
+    equation, solved exactly and checked against the optimality conditions.
+
+    "Zero to rounding", with eps the unit roundoff of the Gram matrix's dtype, means for a combination
+    ``sum_k w_k g_k`` that its squared norm is at most ``8 K eps (sum_k w_k |g_k|)^2``, the rounding level of that
+    combination (relative to its own scale, not to the largest ``|g_k|^2``, so that a combination of tasks much
+    smaller than the largest is not taken for zero). When g0 is zero to rounding (gradients that cancel), so is
+    rho: the ball is the point g0, which is the update. When zero lies in the hull (x0 is zero to rounding) and the
+    ball reaches the cone ``{d: <g_k, d> >= 0 for all k}``, the dual optimum is ``g_w* = 0``, the ball constraint is
+    inactive and every direction in the ball that conflicts with no task is optimal: the update is the one nearest
+    to g0, the projection of g0 onto that cone, ``g0 + sum_k lam_k g_k`` with ``lam >= 0`` (a non-negative
+    least-squares problem on the Gram matrix). Otherwise ``g_w* != 0`` and the bisection runs.
 
     Deviations from the authors' code: they solve the dual with scipy SLSQP from the uniform start (about 1e-6
     accuracy) and add 1e-8 guards to ``|g0|``, ``rho`` and ``|g_w|``; this solver is exact to rounding and has no
-    guards. When the dual optimum is ``g_w* = 0`` (zero lies in the hull and no other point does better; in practice
-    ``|g_w*|^2 <= max(1e-12, 8 K eps) max_k |g_k|^2``, eps the unit roundoff of the Gram matrix's dtype), the ball
-    constraint is inactive and every direction in the ball that conflicts with no task is optimal: the update is
-    the one nearest to g0, the projection of g0 onto ``{d: <g_k, d> >= 0 for all k}``, ``g0 + sum_k lam_k g_k`` with
-    ``lam >= 0`` (a non-negative least-squares problem on the Gram matrix); there the authors' guards return about
-    g0, which may conflict with a task. The DGR/Auto-Lambda trainers multiply the returned direction by K
-    (``overwrite_grad``) to match the scale of a summed loss; this class returns the direction itself.
+    guards. In the ``g_w* = 0`` case the authors' guards return about g0, which may conflict with a task. The
+    DGR/Auto-Lambda trainers multiply the returned direction by K (``overwrite_grad``) to match the scale of a
+    summed loss; this class returns the direction itself.
     """
 
     def __init__(self, c: float = 0.4, rescale: bool = True) -> None:
@@ -347,15 +423,19 @@ class CAGrad(_GramAggregator):
 
 def _cagrad_dual(A: Tensor, mean_w: Tensor, c: float, eps: float) -> Tensor:
     """Coefficients of CAGrad's raw direction ``g0 + rho g_w* / |g_w*|`` (see ``CAGrad``)."""
+    K = A.shape[0]
     scale = float(A.diagonal().max())
     if scale <= 0.0 or c == 0.0:
         return mean_w
     A = A / scale  # the coefficients are invariant to the scale of G
     a = A @ mean_w  # a_i = <g_i, g0>
     g0_sq = float(mean_w @ a)
-    rho = c * math.sqrt(max(g0_sq, 0.0))
-    if rho == 0.0:
+    level = _zero_level(K, eps)
+    if g0_sq <= level * _rounding_scale(A, mean_w):
+        # The gradients cancel: g0 is zero to rounding, and so is rho = c |g0|, and the ball is the point g0. A
+        # bisection on [0, 1 / rho] would only resolve rounding noise, on shifted Gram matrices made of it.
         return mean_w
+    rho = c * math.sqrt(g0_sq)
 
     def shifted(s: float) -> Tensor:  # Gram matrix of the points g_i + s g0
         return A + s * (a[:, None] + a[None, :]) + s * s * g0_sq
@@ -363,57 +443,86 @@ def _cagrad_dual(A: Tensor, mean_w: Tensor, c: float, eps: float) -> Tensor:
     def excess(w: Tensor, s: float) -> float:  # |x(t)| - t with t = rho s
         return math.sqrt(max(float(w @ A @ w), 0.0)) - rho * s
 
-    # |x(t)| <= max_i |g_i| = 1, so the root lies in t <= 1.
-    lo, hi = 0.0, 1.0 / rho
-    w_hi = _min_norm_weights(shifted(hi))
-    key_lo, key_hi = _support_key(_min_norm_weights(A)), _support_key(w_hi)
+    w_min_norm = _min_norm_weights(A)
+    x0_sq = float(w_min_norm @ A @ w_min_norm)
+    x0_floor = level * _rounding_scale(A, w_min_norm)
+    zero_in_hull = x0_sq <= x0_floor
+    if zero_in_hull:
+        # Zero is in the hull, so min_k <g_k, d> <= 0 for every d. If the ball reaches the cone of directions that
+        # conflict with no task, 0 is the optimum (dual: g_w* = 0) and every such direction in the ball attains it:
+        # take the one nearest to g0. Otherwise the optimum is negative and g_w* != 0: the bisection finds it.
+        lam = _cone_projection_weights(A, a, g0_sq)
+        if float(lam @ A @ lam) <= rho * rho:
+            return mean_w + lam
+
+    # The root t* = |g_w*| lies in [|x0|, 1] (x0: the min-norm point; |x(t)| >= |x0| for every t, and |x(t)| <= 1,
+    # the largest |g_i|); below the rounding level of |x0| a t cannot be told from 0. The bisection is geometric, so
+    # that it resolves t* relative to its own size however small it is next to the largest gradient.
+    lo, hi = max(math.sqrt(max(x0_sq, x0_floor)), _T_FLOOR) / rho, 1.0 / rho
+    w_lo, w_hi = _min_norm_weights(shifted(lo)), _min_norm_weights(shifted(hi))
+    if zero_in_hull and not excess(w_lo, lo) > 0.0:
+        # t* is below the rounding level of |g_w|: this is g_w* = 0, where the ball reaches the cone to rounding.
+        return mean_w + _cone_projection_weights(A, a, g0_sq)
+    key_lo, key_hi = _support_key(w_lo), _support_key(w_hi)
     w = w_hi
-    for _ in range(_MAX_ITERS):
+    for step in range(_BISECTION_STEPS + 1):
         if key_lo == key_hi:
             exact = _cagrad_on_support(A, a, g0_sq, rho, list(key_lo), lo, hi, shifted)
             if exact is not None:
                 w = exact
                 break
-        mid = 0.5 * (lo + hi)
-        if not lo < mid < hi:
-            break
+        mid = math.sqrt(lo) * math.sqrt(hi)
+        if step == _BISECTION_STEPS or not lo < mid < hi:
+            break  # t is resolved to float64 rounding: keep the minimiser at the upper end
         w_mid = _min_norm_weights(shifted(mid))
         if excess(w_mid, mid) > 0.0:
             lo, key_lo = mid, _support_key(w_mid)
         else:
             hi, key_hi, w = mid, _support_key(w_mid), w_mid
     gw_sq = float(w @ A @ w)
-    if gw_sq <= _zero_level(A.shape[0], eps):
-        # The dual optimum is g_w = 0, so the ball constraint is inactive and the optimal directions are those in
-        # the ball that conflict with no task: take the one nearest to g0.
-        return mean_w + _cone_projection_weights(A, a)
+    # Rounding in |g_w|^2 is relative to (sum_i w_i |g_i|)^2, not to the largest |g_i|^2: a dual optimum on tasks much
+    # smaller than the largest is far above rounding even when its |g_w|^2 is tiny next to max_i |g_i|^2.
+    if gw_sq <= level * _rounding_scale(A, w):
+        return mean_w + _cone_projection_weights(A, a, g0_sq)  # g_w* = 0 after all, missed above by rounding
     return mean_w + (rho / math.sqrt(gw_sq)) * w
 
 
-def _cone_projection_weights(A: Tensor, a: Tensor) -> Tensor:
+def _cone_projection_weights(A: Tensor, a: Tensor, g0_sq: float) -> Tensor:
     """``lam >= 0`` minimising ``|g0 + sum_k lam_k g_k|^2`` (``A``: Gram matrix, ``a_k = <g_k, g0>``), so that
     ``g0 + G^T lam`` is the projection of g0 onto the cone ``{d: <g_k, d> >= 0}`` (Moreau). Lawson-Hanson active
-    set on the Gram matrix, least-squares sub-problems."""
+    set on the Gram matrix, least-squares sub-problems. A constraint enters when its cosine with the current
+    direction d is below ``-_GAP_TOL`` beyond the rounding of ``<g_k, d>``; like Wolfe's solver it stops when an
+    iteration fails to decrease the objective by more than its rounding floor, and after at most ``_MAX_ITERS``
+    iterations."""
     K = A.shape[0]
+    norms = A.diagonal().clamp(min=0.0).sqrt()
     lam = A.new_zeros(K)
     passive = torch.zeros(K, dtype=torch.bool)
+    objective = 0.0  # |g0 + G^T lam|^2 - |g0|^2
     for _ in range(_MAX_ITERS):
-        grad = A @ lam + a
-        entering = ~passive & (grad < -_GAP_TOL)
+        grad = A @ lam + a  # <g_k, d> for d = g0 + G^T lam
+        d_norm = math.sqrt(max(g0_sq + objective, 0.0))
+        rounding = K * _EPS64 * (math.sqrt(max(g0_sq, 0.0)) + float(lam @ norms))  # in <g_k, d> / |g_k|
+        entering = ~passive & (grad < -(_GAP_TOL * d_norm + rounding) * norms)
         if not bool(entering.any()):
             break
-        passive[int(torch.where(entering, grad, math.inf).argmin())] = True
+        trial, trial_passive = lam.clone(), passive.clone()
+        trial_passive[int(torch.where(entering, grad, math.inf).argmin())] = True
         while True:
-            idx = passive.nonzero().flatten()
+            idx = trial_passive.nonzero().flatten()
             z = torch.linalg.lstsq(A[idx][:, idx], -a[idx, None], rcond=_RCOND, driver="gelsd").solution[:, 0]
             if bool((z > 0).all()):
-                lam.zero_()
-                lam[idx] = z
+                trial.zero_()
+                trial[idx] = z
                 break
-            lam_idx = _step_to_first_zero(lam[idx], z)
-            lam.zero_()
-            lam[idx] = lam_idx
-            passive = lam > 0
+            lam_idx = _step_to_first_zero(trial[idx], z)
+            trial.zero_()
+            trial[idx] = lam_idx
+            trial_passive = trial > 0
+        trial_objective = float(trial @ A @ trial + 2.0 * (a @ trial))
+        if not trial_objective < objective - _rounding_floor(A, trial):
+            break
+        lam, passive, objective = trial, trial_passive, trial_objective
     return lam
 
 
@@ -451,9 +560,7 @@ def _cagrad_on_support(A: Tensor, a: Tensor, g0_sq: float, rho: float, support: 
     ws = ws.clamp(min=0.0)
     w = A.new_zeros(A.shape[0])
     w[idx] = ws / ws.sum()
-    M = shifted(s)
-    Mw = M @ w
-    if float(w @ Mw - Mw.min()) > 1e-10 * max(float(M.diagonal().max()), 1.0):
+    if float(_kkt_violations(shifted(s), w, 1e-10)[1].max()) > 0.0:
         return None
     return w
 
@@ -503,7 +610,10 @@ class MGDA(_GramAggregator):
 
     The update is the min-norm point of the convex hull of the task gradients, ``sum_k w_k g_k`` with
     ``w = argmin_{w in simplex} |sum_k w_k g_k|^2``, solved exactly (Wolfe's min-norm-point algorithm on the Gram
-    matrix). Its KKT conditions: ``<g_k, d> >= |d|^2`` for all k, with equality where ``w_k > 0``.
+    matrix). Its KKT conditions: ``<g_k, d> >= |d|^2`` for all k, with equality where ``w_k > 0``. The solver's
+    tolerances are relative to ``|d|^2`` (or to the rounding level of d when d is the result of cancellation) and its
+    sub-problems are scaled to unit-diagonal systems, so it stays exact to rounding whatever the ratio of the
+    gradients' norms.
 
     ``normalization`` (the authors' ``gradient_normalizers``): the weights are found on ``g_k / n_k`` with ``n_k`` = 1
     ("none"), ``|g_k|`` ("l2"), ``L_k`` ("loss") or ``L_k |g_k|`` ("loss+"); as in their training script, which
@@ -548,12 +658,16 @@ class NashMTL(_GramAggregator):
     solution, for which ``<g_k, d> = 1 / alpha_k`` for every task and ``|d| = sqrt(K)``. ``alpha`` is the unique
     minimiser of the strictly convex, self-concordant ``alpha^T A alpha / 2 - sum_k log alpha_k``; it is found by damped
     Newton steps (``1 / (1 + lambda)`` while the Newton decrement lambda >= 1/4, then full steps), which stay in
-    ``alpha > 0`` and converge quadratically, on the Gram matrix scaled by its Frobenius norm (as the authors do).
+    ``alpha > 0`` and converge quadratically. The problem is invariant to scaling each task: with ``D = diag(|g_k|)``
+    and ``U`` the Gram matrix of the unit gradients ``g_k / |g_k|``, ``alpha = D^-1 beta`` where ``U beta = 1 / beta``;
+    Newton runs on U, so a task whose gradient dominates the others' costs no accuracy.
     ``max_norm`` (optional) scales ``alpha`` down so that ``|d| <= max_norm``.
 
     No solution exists when zero lies in the convex hull of the gradients (no direction helps every task; the
-    objective is unbounded): the update is then zero. "Zero lies in the hull" means, to rounding, that the min-norm
-    point x has ``|x|^2 <= max(1e-12, 8 K eps) max_k |g_k|^2`` (eps: the unit roundoff of G's compute dtype).
+    objective is unbounded): the update is then zero. Zero lies in the hull of the gradients iff it lies in the hull
+    of the unit gradients; "zero lies in the hull" means, to rounding, that the min-norm point u of the unit
+    gradients has ``|u|^2 <= 8 K eps`` (eps: the unit roundoff of G's compute dtype), the rounding level of a
+    combination of unit vectors.
     A task whose gradient is exactly zero has no stake in the bargaining: it is left out (``alpha_k = 0``) and the
     others bargain.
 
@@ -562,8 +676,9 @@ class NashMTL(_GramAggregator):
     every few steps (``update_weights_every``), and clip the gradient norm of the shared parameters to ``max_norm``
     (1.0 in their experiments, which rescales the norm-sqrt(K) update) with ``clip_grad_norm_``. This class is
     stateless and exact to rounding; the zero-in-hull case and zero gradients (where their solver fails and keeps the
-    previous alpha) are handled as described. ``max_norm`` here bounds the norm of this update, which equals the
-    clipped norm when G holds all shared parameters.
+    previous alpha) are handled as described. They scale the Gram matrix by its Frobenius norm, which leaves a
+    dominated task's rows at the rounding level; here it is scaled per task, as above. ``max_norm`` here bounds the
+    norm of this update, which equals the clipped norm when G holds all shared parameters.
     """
 
     def __init__(self, max_norm: float | None = None) -> None:
@@ -577,22 +692,29 @@ class NashMTL(_GramAggregator):
         live = (A.diagonal() > 0).nonzero().flatten()
         if live.numel() == 0:
             return alpha
-        A_live = A[live][:, live]
-        frob = float(torch.linalg.matrix_norm(A_live))
-        An = A_live / frob
-        w = _min_norm_weights(An)
-        if float(w @ An @ w) <= _zero_level(K, eps) * float(An.diagonal().max()):
+        norms = A.diagonal()[live].sqrt()
+        # The solution is invariant to scaling each task: with D = diag(|g_k|) and A = D U D (U: the Gram matrix of
+        # the unit gradients), A alpha = 1 / alpha iff beta = D alpha solves U beta = 1 / beta. On U every task has
+        # the same scale, so neither the zero-in-hull test nor Newton's steps depend on the ratio of the norms.
+        U = A[live][:, live] / (norms[:, None] * norms[None, :])
+        U.diagonal().fill_(1.0)
+        w = _min_norm_weights(U)
+        if float(w @ U @ w) <= _zero_level(K, eps) * _rounding_scale(U, w):  # that scale is (sum_k w_k)^2 = 1
             return alpha
-        x = An.diagonal().rsqrt()  # the exact solution when the gradients are orthogonal
+        beta = U.new_ones(live.numel())  # the exact solution when the gradients are orthogonal
+        previous_sq = math.inf
         for _ in range(_MAX_ITERS):
-            grad = An @ x - 1.0 / x
-            step = torch.linalg.solve(An + torch.diag(x.pow(-2)), grad)
+            grad = U @ beta - 1.0 / beta
+            step = torch.linalg.solve(U + torch.diag(beta.pow(-2)), grad)
             decrement_sq = float(grad @ step)
-            if decrement_sq <= _NEWTON_TOL:
+            # In the full-step phase (decrement < 1/4) the decrement falls quadratically in exact arithmetic, so
+            # one that does not fall is at the rounding floor.
+            if decrement_sq <= _NEWTON_TOL or (decrement_sq < 0.0625 and not decrement_sq < previous_sq):
                 break
+            previous_sq = decrement_sq
             decrement = math.sqrt(decrement_sq)
-            x = x - (step if decrement < 0.25 else step / (1.0 + decrement))
-        alpha[live] = x / math.sqrt(frob)
+            beta = beta - (step if decrement < 0.25 else step / (1.0 + decrement))
+        alpha[live] = beta / norms
         if self.max_norm is not None:
             norm = math.sqrt(max(float(alpha @ A @ alpha), 0.0))
             if norm > self.max_norm:
