@@ -1,8 +1,9 @@
 """Run the benchmark scripts of the source checkout (``dgr-fast bench``), and the output helpers they share.
 
 The scripts live in the repository's ``benchmarks/`` folder, not in the package: ``bench_dgr.py`` (the DGR penalty
-against its floor), ``bench_adatask.py`` (the AdaTask step against its byte floor, per-task gradients) and
-``bench_step.py`` (one training step per MTL method, with and without DGR). Each is also a plain script with
+against its floor), ``bench_adatask.py`` (the AdaTask step against its byte floor, per-task gradients),
+``bench_step.py`` (one training step per MTL method, with and without DGR) and ``bench_distributed.py`` (each
+method's step at world size 1 and 2 over gloo or NCCL, and the bytes its collectives carry). Each is also a plain script with
 ``main(argv)``; they take ``--quick``, ``--device`` and ``--out`` alike, print a table, and write CSV files and a PNG
 plot to ``--out``.
 
@@ -36,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-BENCHMARKS = ("dgr", "adatask", "step")
+BENCHMARKS = ("dgr", "adatask", "step", "distributed")
 DEVICES = ("cpu", "cuda")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
@@ -64,7 +65,7 @@ def malloc_mode(measure_memory: bool) -> None:
 def benchmarks_dir() -> Path:
     """The repository's ``benchmarks/`` folder, next to the ``dgr_fast`` package of a source checkout."""
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    # All three scripts, not just the folder: a non-editable install puts the package in site-packages, where some
+    # Every script, not just the folder: a non-editable install puts the package in site-packages, where some
     # other distribution may have installed a top-level "benchmarks" package.
     if not all((folder / f"bench_{name}.py").is_file() for name in BENCHMARKS):
         raise FileNotFoundError(
@@ -75,7 +76,7 @@ def benchmarks_dir() -> Path:
 
 def run_benchmarks(which: str = "all", *, quick: bool = False, device: str | None = None, out: str | None = None,
                    extra: Sequence[str] = ()) -> int:
-    """Run ``benchmarks/bench_<which>.py`` (``"all"``: the three in the order of :data:`BENCHMARKS`), each in its own
+    """Run ``benchmarks/bench_<which>.py`` (``"all"``: every one, in the order of :data:`BENCHMARKS`), each in its own
     process with ``--quick``, ``--device``, ``--out`` and then ``extra`` as its arguments (with ``"all"``, ``extra`` goes
     to every script, so it should hold options they all take). Every chosen script runs, even after one fails.
 

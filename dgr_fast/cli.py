@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 from dataclasses import asdict
@@ -266,6 +267,38 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+_STARTED: list[bool] = []  # whether this command joined the default group (and so leaves it at the end)
+
+
+def _stop_distributed() -> None:
+    if _STARTED:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        _STARTED.clear()
+
+
+def _start_distributed(device_text: str) -> tuple[str, dict[str, Any] | None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the default group (NCCL for CUDA, gloo otherwise) and give each
+    process its own GPU (``cuda`` becomes ``cuda:LOCAL_RANK``). Returns the device text and what the JSON records
+    of the group, or ``(device_text, None)`` for one process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device_text, None
+    cuda = device_text.startswith("cuda")
+    if cuda and ":" not in device_text:
+        device_text = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(torch.device(device_text))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        _STARTED.append(True)
+    return device_text, {"world_size": dist.get_world_size(), "rank": dist.get_rank(),
+                         "backend": dist.get_backend()}
+
+
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     from dgr_fast.data import load_dataset
     from dgr_fast.train.metrics import delta_m
@@ -274,12 +307,16 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
 
     defaults = DATASET_DEFAULTS[args.dataset]
     configs = _specs(args, defaults)
-    device = _device(args.device)
+    device_text, group = _start_distributed(args.device)
+    device = _device(device_text)
+    lead = group is None or group["rank"] == 0  # the process that prints and writes
+    say = print if lead else (lambda *_args, **_kwargs: None)
     json_path = Path(args.json) if args.json else Path(args.out) / f"{args.dataset}.json"
     flag = "--json" if args.json else "--out"
-    _check_writable(json_path, flag)
-    if not args.no_plot:
-        _check_writable(json_path.with_suffix(".png"), flag)
+    if lead:
+        _check_writable(json_path, flag)
+        if not args.no_plot:
+            _check_writable(json_path.with_suffix(".png"), flag)
     options = {k: getattr(args, k) for k in DATASET_OPTIONS if getattr(args, k) is not None}
     try:
         data = load_dataset(args.dataset, args.data_dir, seed=args.seed, train_size=args.train_size,
@@ -291,19 +328,26 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr or defaults["lr"], device=str(device), seed=args.seed, dgr_backend=args.dgr_backend,
         dgr_resample=args.dgr_resample, grad_mode=args.grad_mode, meta_alpha=args.meta_alpha,
     )
-    print(f"dgr-fast train: {args.dataset} ({len(data.train)} train / {len(data.test)} test samples, tasks "
-          + ", ".join(f"{t.name} [{t.metric}, {'higher' if t.higher_is_better else 'lower'} is better]" for t in data.tasks)
-          + f"), {settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, device {device}, "
-          f"seed {settings.seed}, {torch.get_num_threads()} threads")
+    if group is not None and settings.batch_size % group["world_size"]:
+        raise CLIError(f"--batch-size {settings.batch_size} is the global batch: it must be divisible by the "
+                       f"{group['world_size']} processes")
+    ranks = "" if group is None else (f", {group['world_size']} processes ({group['backend']}, batch "
+                                      f"{settings.batch_size // group['world_size']} per process)")
+    say(f"dgr-fast train: {args.dataset} ({len(data.train)} train / {len(data.test)} test samples, tasks "
+        + ", ".join(f"{t.name} [{t.metric}, {'higher' if t.higher_is_better else 'lower'} is better]" for t in data.tasks)
+        + f"), {settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, device {device}, "
+        f"seed {settings.seed}, {torch.get_num_threads()} threads{ranks}")
     runs = []
     for config in configs:
-        print(f"{config.spec}: method {config.method}, optimizer {config.optimizer}"
-              + (f", dgr lambda {config.dgr_lambda:g}" if config.dgr_lambda else "")
-              + (f", sam rho {config.sam_rho:g}" if config.sam_rho else "") + (", meta" if config.meta else ""))
-        model, record = train(data, config, settings)
-        if args.probe:
+        say(f"{config.spec}: method {config.method}, optimizer {config.optimizer}"
+            + (f", dgr lambda {config.dgr_lambda:g}" if config.dgr_lambda else "")
+            + (f", sam rho {config.sam_rho:g}" if config.sam_rho else "") + (", meta" if config.meta else ""))
+        model, record = train(data, config, settings, log=say)
+        if args.probe and lead:
             record["probe"] = probe(model, data.train, data.test, device, seed=settings.seed)
         runs.append(record)
+    if not lead:  # only rank 0 evaluated: the others have trained in step and are done
+        return {}
     for run in runs:
         run["delta_m"] = delta_m(run["final"], runs[0]["final"], data.tasks)
 
@@ -337,6 +381,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
                                                                 "test_size": args.test_size, **options},
                     "tasks": [{**asdict(t), "higher_is_better": t.higher_is_better} for t in data.tasks]},
         "settings": asdict(settings),
+        "distributed": None if group is None else {"world_size": group["world_size"], "backend": group["backend"],
+                                                   "batch_per_process": settings.batch_size // group["world_size"]},
         "probe": args.probe,
         "runs": runs,
     }
@@ -366,7 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             if args.command == "train":
-                train_command(args)
+                try:
+                    train_command(args)
+                finally:
+                    _stop_distributed()
                 return 0
             from dgr_fast.benchmarks import run_benchmarks
 

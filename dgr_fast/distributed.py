@@ -28,7 +28,7 @@ from torch import Tensor
 LOCAL = "local"
 BUCKET_BYTES = 256 * 2**20  # bounds the temporary buffers of one collective call
 
-__all__ = ["LOCAL", "Sync", "sync_for", "check_process_group", "all_reduce_mean_", "same_random_draws"]
+__all__ = ["LOCAL", "Sync", "sync_for", "check_process_group", "all_reduce_mean_", "same_random_draws", "run_local"]
 
 
 def check_process_group(process_group: object, name: str = "process_group") -> None:
@@ -155,3 +155,71 @@ def same_random_draws(sync: Sync | None, generator: torch.Generator | None = Non
         if sync.rank != 0:
             for (_, put), state in zip(access, own):
                 put(state)
+
+
+def _local_rank(rank: int, world: int, port: int, backend: str, threads: int, fn, args: tuple, results) -> None:
+    import datetime
+    import os
+    import traceback
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        try:
+            results.put((rank, "ok", fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001  (every failure goes back to the caller, with its traceback)
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_local(fn, *args, world: int = 2, backend: str = "gloo", threads: int = 1, timeout: float = 600.0) -> list:
+    """``fn(rank, world, *args)`` on ``world`` fresh processes of this machine joined in a default group on
+    127.0.0.1 (a free port; NCCL: one GPU per rank), as tests and benchmarks need it: the results in rank order, or
+    an error carrying the failing rank's traceback. It never hangs: a rank that dies, or a run past ``timeout``
+    seconds, raises, and every process is ended. ``fn`` must be importable by name (defined at a module's top
+    level), since the processes are spawned."""
+    import queue
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_local_rank, args=(rank, world, port, backend, threads, fn, args, results),
+                         daemon=True) for rank in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"run_local: no result after {timeout:.0f} s from ranks "
+                                   f"{sorted(set(range(world)) - set(got))}")
+            try:
+                rank, status, value = results.get(timeout=min(left, 2.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in got]
+                if dead:
+                    raise RuntimeError(f"run_local: rank(s) {dead} ended without a result (exit codes "
+                                       f"{[procs[i].exitcode for i in dead]})") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"run_local: rank {rank} failed:\n{value}")
+            got[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [got[rank] for rank in range(world)]

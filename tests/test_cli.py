@@ -60,8 +60,10 @@ def test_default_comparison_on_multi_digits(tmp_path, capsys):
 def test_json_records_versions_settings_and_every_hyper_parameter(tmp_path):
     result = run_cli(tmp_path, "--dataset", "synthetic", *TINY, "--method", "cagrad", "--dgr", "0.05",
                      "--optimizer", "sgd", "--lr", "0.01", "--seed", "3", "--grad-mode", "batched", "--no-plot")
-    assert set(result) == {"schema", "created", "command", "versions", "machine", "dataset", "settings", "probe", "runs"}
+    assert set(result) == {"schema", "created", "command", "versions", "machine", "dataset", "settings", "distributed",
+                           "probe", "runs"}
     assert result["schema"] == "dgr-fast/train/1"
+    assert result["distributed"] is None  # one process
     assert result["dataset"]["options"] == {"train_size": 48, "test_size": 24}
     assert result["versions"]["torch"] == torch.__version__
     assert result["versions"]["dgr_fast"] and result["machine"]["torch_threads"] >= 1

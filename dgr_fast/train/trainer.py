@@ -9,8 +9,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from dgr_fast.data import MTLData, MTLDataset
+from dgr_fast.distributed import sync_for
 from dgr_fast.dummy_heads import DummyHeads, DummyTask
 from dgr_fast.mtl import METHODS, MetaMTL, MTLStep, Sum, TaskSAM, Weighting, make_method
 from dgr_fast.ops.dgr_penalty import dgr_penalty_backend
@@ -224,6 +226,16 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=None)
 
 
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: int, rank: int) -> list[Tensor]:
+    """This rank's index batches of one epoch: a ``DistributedSampler`` shuffle (seed + epoch) cut into batches of
+    ``batch_size // world``. Rank r's batch j is every ``world``-th index of the global batch j, so the global
+    batches are the same at any world size (for ``n`` divisible by ``world``; otherwise the sampler pads the last
+    one with repeated samples)."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(torch.tensor(list(sampler), dtype=torch.long).split(batch_size // world))
+
+
 def train(data: MTLData, config: RunConfig, settings: TrainSettings,
           log: Callable[[str], None] = print) -> tuple[MTLModel, dict[str, Any]]:
     """Train ``config`` on ``data.train``, evaluating on ``data.test`` after every epoch.
@@ -231,9 +243,18 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
     Returns the model and a JSON-ready record: the config, the backends used, per-epoch train losses and test
     metrics, the median step time (forward + the method's backward and optimizer step, no data loading), and with
     DGR the median time of the penalty alone and its share of the step.
+
+    Under ``torch.distributed`` (``torchrun``), every rank trains on its share of each global batch of
+    ``settings.batch_size`` (``epoch_batches``) and the library's steps keep the ranks equal; rank 0 alone
+    evaluates and logs (the other ranks' records hold no metrics), the train losses are averaged over the ranks.
     """
     check_config(config, settings.batch_size)
     device = torch.device(settings.device)
+    sync = sync_for(None)
+    world, rank = (1, 0) if sync is None else (sync.world_size, sync.rank)
+    if settings.batch_size % world:
+        raise ValueError(f"batch size {settings.batch_size} is the global batch: it must be divisible by the "
+                         f"{world} ranks")
     torch.manual_seed(settings.seed)
     model = make_model(data.train).to(device)
     backends = {  # resolved first: a backend that cannot run here fails before any training
@@ -241,16 +262,15 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
         "adatask": adatask_backend(device) if config.optimizer == "adatask" else None,
     }
     step = _Step(config, model, data.train, settings, device)
-    order = torch.Generator().manual_seed(settings.seed)
     names = [t.name for t in data.tasks]
     history, step_times = [], []
     for epoch in range(1, settings.epochs + 1):
         t_epoch = time.perf_counter()
         loss_sum = torch.zeros(len(names), dtype=torch.float64)
-        batches = torch.randperm(len(data.train), generator=order).split(settings.batch_size)
+        batches = epoch_batches(len(data.train), settings.batch_size, epoch, settings.seed, world, rank)
         if config.meta and len(batches[-1]) < 2:  # meta splits each batch into an inner and an outer half
             batches = batches[:-1]
-        bar = _progress(len(batches), f"{config.spec} epoch {epoch}/{settings.epochs}")
+        bar = _progress(len(batches), f"{config.spec} epoch {epoch}/{settings.epochs}") if rank == 0 else None
         for idx in batches:
             x, ys = data.train.batch(idx)
             x, ys = x.to(device), [y.to(device) for y in ys]
@@ -265,13 +285,16 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
         if bar is not None:
             bar.close()
         step.end_epoch()
-        metrics = evaluate(model, data.test, device, settings.eval_batch_size)
+        if sync is not None:
+            sync.all_reduce_mean_([loss_sum])
+        metrics = evaluate(model, data.test, device, settings.eval_batch_size) if rank == 0 else {}
         train_loss = dict(zip(names, (loss_sum / len(batches)).tolist()))
         history.append({"epoch": epoch, "train_loss": train_loss, "metrics": metrics,
                         "seconds": time.perf_counter() - t_epoch})
-        log(f"  [{config.spec}] epoch {epoch}/{settings.epochs}  "
-            + "  ".join(f"{t.name} {metrics[t.name]:.4g}" for t in data.tasks)
-            + f"  ({history[-1]['seconds']:.1f} s)")
+        if rank == 0:
+            log(f"  [{config.spec}] epoch {epoch}/{settings.epochs}  "
+                + "  ".join(f"{t.name} {metrics[t.name]:.4g}" for t in data.tasks)
+                + f"  ({history[-1]['seconds']:.1f} s)")
     record: dict[str, Any] = {
         "spec": config.spec, "config": asdict(config),
         "backends": backends,
@@ -279,8 +302,8 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
         "step_ms": 1e3 * statistics.median(step_times) if step_times else None,
         "dgr_penalty_ms": None, "dgr_share": None,
     }
-    if step.dummy is not None and step_times:
-        x, ys = data.train.batch(torch.arange(min(settings.batch_size, len(data.train))))
+    if step.dummy is not None and step_times:  # on every rank: the penalty is a collective under distributed
+        x, ys = data.train.batch(torch.arange(min(settings.batch_size // world, len(data.train))))
         record["dgr_penalty_ms"] = _penalty_ms(step, x.to(device), [y.to(device) for y in ys], device)
         record["dgr_share"] = record["dgr_penalty_ms"] / record["step_ms"]
     return model, record
