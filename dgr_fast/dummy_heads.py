@@ -32,7 +32,7 @@ class DummyTask:
     def __post_init__(self) -> None:
         if self.loss not in LOSS_CODES:
             raise ValueError(f"DummyTask.loss must be one of {tuple(LOSS_CODES)}, got {self.loss!r}")
-        if not isinstance(self.out_features, int) or self.out_features < 1:
+        if isinstance(self.out_features, bool) or not isinstance(self.out_features, int) or self.out_features < 1:
             raise ValueError(f"DummyTask.out_features must be a positive int, got {self.out_features!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"DummyTask.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
@@ -79,7 +79,7 @@ class DummyHeads(nn.Module):
     ) -> None:
         super().__init__()
         check_process_group(process_group)
-        if not isinstance(in_features, int) or in_features < 1:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         self.task_names = list(tasks) if isinstance(tasks, Mapping) else None
         self.tasks = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
@@ -206,6 +206,21 @@ class DummyHeads(nn.Module):
             process_group=self.process_group,
         )
         return per_task.view(sets, k)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # torch loads the buffers and then the generator state, collecting shape errors to raise at the end: a
+        # checkpoint of other head sizes would replace the generator before failing. Check the shapes first and
+        # load nothing of this module when one differs.
+        wrong = [f"{prefix}{name}: {tuple(state_dict[prefix + name].shape)} in the checkpoint, {tuple(buf.shape)} here"
+                 for name, buf in (("weight", self.weight), ("bias", self.bias))
+                 if buf is not None and prefix + name in state_dict and state_dict[prefix + name].shape != buf.shape]
+        if wrong:
+            error_msgs.append("DummyHeads: the checkpoint's heads have other sizes (" + "; ".join(wrong) + "); "
+                              "nothing of this module was loaded")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def get_extra_state(self) -> dict:
         return {"generator_state": self.generator.get_state()}

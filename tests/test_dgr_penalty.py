@@ -526,3 +526,38 @@ def test_torch_backend_reads_class_indices_above_2_24_exactly():
     assert dgr_penalty(z, [weight], None, [target], "ce", backend="torch") < 1e-6
     weight[2**24 + 1], weight[2**24] = 0.0, 30.0  # and the neighbour fp32 confuses it with: a large penalty
     assert dgr_penalty(z, [weight], None, [target], "ce", backend="torch") > 1.0
+
+
+@pytest.mark.parametrize("ignore_index, match", [(1.0, r"ignore_index\[0\] must be an int"),
+                                                 ([None] * 4, r"ignore_index\[0\] must be an int"),
+                                                 (torch.tensor(-1), "one value for every task"),
+                                                 (True, "one value for every task")])
+def test_ignore_index_must_be_ints(ignore_index, match):
+    case = make_case((9, 4))
+    for backend in ("torch", "reference", "cpp"):
+        with pytest.raises(TypeError, match=match):
+            dgr_penalty(**{**case, "ignore_index": ignore_index}, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_every_backend_takes_every_integer_class_dtype(dtype):
+    case = make_case((9, 4))
+    ignore = 255 if dtype == torch.uint8 else -1
+    targets = [t.masked_fill(t == -1, ignore).to(dtype) if t.dtype == torch.long else t for t in case["targets"]]
+    want = dgr_penalty(**case, backend="reference")
+    for backend in [b for b in ("reference", "torch", "cpp") if dgr_fast.available_backends()[b].available]:
+        assert_close(dgr_penalty(**{**case, "targets": targets, "ignore_index": ignore}, backend=backend), want)
+
+
+def test_dummy_heads_refuse_a_bool_width_and_load_nothing_from_other_sizes():
+    with pytest.raises(ValueError, match="in_features"):
+        DummyHeads(True, TASKS)
+    with pytest.raises(ValueError, match="out_features"):
+        DummyTask("ce", True)
+    small, big = DummyHeads(6, [DummyTask("ce", 3)], seed=1), DummyHeads(6, [DummyTask("ce", 4)], seed=2)
+    before = {k: v.clone() for k, v in big.state_dict().items() if isinstance(v, torch.Tensor)}
+    generator = big.generator.get_state().clone()
+    with pytest.raises(RuntimeError, match="other sizes"):
+        big.load_state_dict(small.state_dict())
+    assert torch.equal(big.generator.get_state(), generator)  # it was replaced before the error once
+    assert all(torch.equal(v, big.state_dict()[k]) for k, v in before.items())

@@ -207,3 +207,15 @@ def test_bad_arguments():
     _, losses = forward(encoder, heads, x, targets)
     with pytest.raises(ValueError, match="features= and dgr_targets="):
         step.step(losses)
+
+
+def test_adatask_and_dummy_heads_must_agree_on_the_tasks():
+    encoder, heads, x, targets, _ = tiny(8)
+    shared, head_params = list(encoder.parameters()), list(heads.parameters())
+    two = DummyHeads(8, TASKS[:2], seed=0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dummy_heads has 2 tasks but the AdaTask optimizer 3"):
+        MTLStep(shared, head_params, AdaTask(shared, num_tasks=3), dummy_heads=two, dgr_lambda=0.1)
+    step = MTLStep(shared, head_params, frozen_sgd(shared + head_params), dummy_heads=two, dgr_lambda=0.1)
+    z, losses = forward(encoder, heads, x, targets)
+    with pytest.raises(ValueError, match="3 task losses but dummy_heads has 2"):
+        step.step(losses, features=z, dgr_targets=targets[:2])

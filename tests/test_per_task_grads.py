@@ -118,3 +118,16 @@ def test_batched_refuses_features_not_computed_from_params():
         per_task_grads([z.sum()], [z], features=z, mode="batched")
     with pytest.raises(ValueError, match="does not require grad"):
         per_task_grads([z.sum()], [z], features=z.detach(), mode="batched")
+
+
+def test_sparse_gradients_become_dense_rows_in_loop_mode_and_batched_says_why_not():
+    torch.manual_seed(4)
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True).double(), torch.nn.Linear(3, 1).double()
+    z = emb(torch.tensor([1, 2, 2, 5]))
+    losses = [lin(z).sum(), (z**2).sum()]
+    got = per_task_grads(losses, [emb.weight], retain_graph=True)
+    want = torch.zeros(10, 3, dtype=torch.float64)
+    want.index_add_(0, torch.tensor([1, 2, 2, 5]), 2 * z.detach())
+    torch.testing.assert_close(got[1].view(10, 3), want)
+    with pytest.raises(ValueError, match="sparse gradients.*mode='loop'"):
+        per_task_grads(losses, [emb.weight], features=z, mode="batched")

@@ -92,8 +92,8 @@ def _per_task_grads(
         for piece, g in zip(out[k].split(sizes), grads):
             if g is None:  # the parameter does not reach this loss: its gradient is zero, as autograd's would be
                 piece.zero_()
-            else:
-                piece.copy_(g.reshape(-1))
+            else:  # a sparse gradient (an nn.Embedding(sparse=True)) becomes its dense row
+                piece.copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
 
     if mode == "loop":
         inputs = params + extra_params
@@ -106,7 +106,7 @@ def _per_task_grads(
             write(k, grads[: len(params)])
             for acc, g in zip(extra_sum, grads[len(params) :]):
                 if g is not None:
-                    acc.add_(g)
+                    acc.add_(g.to_dense() if g.is_sparse else g)
         return finish()
 
     if not isinstance(features, torch.Tensor):
@@ -133,23 +133,29 @@ def _per_task_grads(
             dz[row] = 0 if grads[0] is None else grads[0]
         for acc, g in zip(extra_sum, grads[len(inputs) - len(extra_params) :]):
             if g is not None:
-                acc.add_(g)
+                acc.add_(g.to_dense() if g.is_sparse else g)
     step = max(len(batched), 1) if chunk_size is None else chunk_size
     for start in range(0, len(batched), step):
         rows = batched[start : start + step]
         last = start + step >= len(batched)
-        grads = torch.autograd.grad(
-            features,
-            params,
-            grad_outputs=dz[start : start + len(rows)],
-            retain_graph=retain_graph or not last,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
+        try:
+            grads = torch.autograd.grad(
+                features,
+                params,
+                grad_outputs=dz[start : start + len(rows)],
+                retain_graph=retain_graph or not last,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        except NotImplementedError as err:
+            if "Sparse" not in str(err):
+                raise
+            raise ValueError("mode='batched': torch's batched vector-Jacobian product cannot reach a parameter with "
+                             "sparse gradients (nn.Embedding(sparse=True)); use mode='loop'") from None
         index = torch.tensor(rows, device=device)
         for piece, g in zip(out.split(sizes, dim=1), grads):
             piece.index_copy_(0, index, torch.zeros_like(piece[: len(rows)]) if g is None
-                              else g.reshape(len(rows), -1).to(piece.dtype))
+                              else (g.to_dense() if g.is_sparse else g).reshape(len(rows), -1).to(piece.dtype))
     return finish()
 
 

@@ -78,6 +78,9 @@ class MTLStep:
             raise ValueError("AdaTask balances tasks through its per-task moments; it takes no aggregator")
         if dummy_heads is not None and not isinstance(dummy_heads, DummyHeads):
             raise TypeError(f"dummy_heads must be a DummyHeads, got {type(dummy_heads).__name__}")
+        if isinstance(optimizer, AdaTask) and dummy_heads is not None and len(dummy_heads.tasks) != optimizer.num_tasks:
+            raise ValueError(f"dummy_heads has {len(dummy_heads.tasks)} tasks but the AdaTask optimizer "
+                             f"{optimizer.num_tasks}: each task's penalty goes to that task's moments")
         if not (isinstance(dgr_lambda, (int, float)) and dgr_lambda >= 0):
             raise ValueError(f"dgr_lambda must be a number >= 0, got {dgr_lambda!r}")
         if grad_mode not in MODES:
@@ -122,6 +125,9 @@ class MTLStep:
         use_dgr = self.dummy_heads is not None and self.dgr_lambda > 0
         if use_dgr and (features is None or dgr_targets is None):
             raise ValueError("DGR needs features= and dgr_targets=")
+        if self.dummy_heads is not None and len(losses) != len(self.dummy_heads.tasks):
+            raise ValueError(f"losses: {len(losses)} task losses but dummy_heads has {len(self.dummy_heads.tasks)} "
+                             "tasks")
         sync = sync_for(self.process_group)
         vec = torch.stack(losses)
         weights = None

@@ -112,6 +112,9 @@ def _seq(name: str, value, num_tasks: int, default) -> list:
         return [default] * num_tasks
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [value] * num_tasks
+    if isinstance(value, Tensor) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be one value for every task or a sequence of one per task, got "
+                        f"{type(value).__name__}")
     value = list(value)
     if len(value) != num_tasks:
         raise ValueError(f"{name} has {len(value)} entries but there are {num_tasks} tasks (len(weights))")
@@ -136,6 +139,10 @@ def _check_inputs(features, weights, biases, targets, losses, masks, ignore_inde
     losses = _seq("losses", losses, num_tasks, None)
     masks = _seq("masks", masks, num_tasks, None)
     ignore_index = _seq("ignore_index", ignore_index, num_tasks, -100)
+    for k, index in enumerate(ignore_index):
+        # an int only (a float, None or a tensor reached the kernels' int64 schema raw, or compared inexactly)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"ignore_index[{k}] must be an int, got {index!r}")
     reductions = _seq("reductions", reductions, num_tasks, "mean")
     device, width = features.device, features.shape[1]
     row_shape = features.shape[:1] + features.shape[2:]

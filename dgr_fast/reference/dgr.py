@@ -48,7 +48,8 @@ def task_loss(
     valid = torch.ones(row_shape, dtype=torch.bool, device=logits.device) if mask is None else mask
     if loss == "ce":
         valid = valid & (target != ignore_index)
-        per_row = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none")
+        # any integer dtype, as the fused backends take (cross_entropy itself wants int64)
+        per_row = F.cross_entropy(logits, torch.where(valid, target, 0).long(), reduction="none")
         return (per_row * valid).sum() / valid.sum().clamp_min(1)
     fn = {"bce": F.binary_cross_entropy_with_logits, "mse": F.mse_loss, "l1": F.l1_loss}[loss]
     per_element = fn(logits, target.to(logits.dtype), reduction="none")
