@@ -1,8 +1,12 @@
 """Benchmark the AdaTask step and per-task gradients.
 
-Step: time per step and achieved bandwidth for each provider, against the byte floor (bytes read and written once,
-over the copy bandwidth measured in the same run; ``x inpl`` uses an in-place ``mul_`` instead, which like the step
-pays no read-for-ownership on its writes):
+Step: time per step (median of ``--reps``) and achieved bandwidth (the bytes the step must move: θ read and written,
+K gradients read, 2K fp32 moments read and written, over the time) for each provider, against the floor: the best time
+of ``floor_pass``, which moves exactly those bytes with the step's own mix, the K gradients read once and θ and the 2K
+moments each read and written in place (no read-for-ownership on the writes, which a ``copy_`` into a fresh buffer pays
+and the step does not), timed next to each case. ``floor GB/s`` is its bandwidth, ``of floor`` the achieved bandwidth
+as a fraction of it, ``x floor`` the inverse (step time / floor time), ``x inpl`` the step time against the bandwidth
+of a single in-place ``mul_`` stream:
 
 - ``loop``: the authors'-style step, task by task and tensor by tensor with in-place torch ops (as their code does);
 - ``torch``: the foreach backend; ``cpp``, ``triton``, ``cuda``: the fused backends available here.
@@ -59,8 +63,9 @@ def synthetic_shapes(total: int, pieces: int = 8) -> list[tuple[int, ...]]:
 
 
 def timer(device: torch.device):
+    """``run(fn, reps, stat=statistics.median)``: ``stat`` of the seconds of ``reps`` calls of ``fn``."""
     if device.type == "cuda":
-        def run(fn, reps):
+        def run(fn, reps, stat=statistics.median):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times = []
             for _ in range(reps):
@@ -69,25 +74,16 @@ def timer(device: torch.device):
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
+            return stat(times)
     else:
-        def run(fn, reps):
+        def run(fn, reps, stat=statistics.median):
             times = []
             for _ in range(reps):
                 t = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t)
-            return statistics.median(times)
+            return stat(times)
     return run
-
-
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
-    """Bytes per second of a large copy_ (counted as one read and one write)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    run = timer(device)
-    dst.copy_(src)
-    return 2 * nbytes / run(lambda: dst.copy_(src), reps)
 
 
 def inplace_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
@@ -155,6 +151,33 @@ def step_bytes(P: int, K: int, param_bytes: int = 4, grad_bytes: int = 4) -> int
     return P * (2 * param_bytes + K * grad_bytes + 2 * 2 * K * 4)
 
 
+def floor_tensors(P: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers of the sizes one adam step over P fp32 parameters touches: the K gradients ``[K, P]``, the first
+    moments ``[K, P]``, and the second moments with θ after them in one ``[K * P + P]`` buffer (all fp32)."""
+    grads = torch.randn(K, P, device=device) * 1e-2
+    exp_avgs = torch.zeros(K, P, device=device)
+    exp_avg_sqs_and_theta = torch.zeros(K * P + P, device=device)
+    return grads, exp_avgs, exp_avg_sqs_and_theta
+
+
+def floor_pass(grads: torch.Tensor, exp_avgs: torch.Tensor, exp_avg_sqs_and_theta: torch.Tensor) -> None:
+    """Move the step's bytes with the step's mix and nothing else: the gradients read once (the operand of the first
+    moments' in-place add), θ and every moment read and written once, in place. Two ops over flat buffers, not one per
+    tensor: per-op thread barriers are overhead the fused step does not pay, and on a loaded machine they made a
+    per-tensor floor slower than the step."""
+    exp_avgs.add_(grads)
+    exp_avg_sqs_and_theta.mul_(1.0)
+
+
+def floor_seconds(P: int, K: int, device: torch.device, reps: int) -> float:
+    """The floor of a step over P parameters and K tasks: the best of ``reps`` timed ``floor_pass`` calls (the best,
+    as a floor is what the machine can do; at least 10 of them, cheap next to the providers, so that a busy moment of
+    a shared machine does not make the floor the slower)."""
+    tensors = floor_tensors(P, K, device)
+    floor_pass(*tensors)
+    return timer(device)(lambda: floor_pass(*tensors), max(reps, 10), stat=min)
+
+
 def bench_grads(device, K, mode, reps, batch=32):
     torch.manual_seed(0)
     enc = torch.nn.Sequential(
@@ -212,16 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     tasks = args.tasks or ([2, 8] if args.quick else [2, 3, 8, 40])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-    copy_size = 256 << 20 if device.type == "cpu" else 2 << 30
-    bw = copy_bandwidth(device, copy_size, reps)
+    inplace_size = 256 << 20 if device.type == "cpu" else 2 << 30
     print(f"# dgr_fast {dgr_fast.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"device {device}, threads {torch.get_num_threads()}, {datetime.date.today()}")  # fmt: skip
-    print(f"# copy bandwidth (copy_ of {copy_size >> 20} MiB, read + write): {bw / 1e9:.2f} GB/s at start; "
-          "re-measured before every case, whose floor uses its own measurement")  # fmt: skip
+    print("# floor: the step's bytes moved with its own read/write mix (floor_pass, best of the repetitions), timed "
+          f"before each case's providers; x inpl: against one in-place mul_ stream of {inplace_size >> 20} MiB")  # fmt: skip
     rows = []
     cases = [(f"P={m:g}M", synthetic_shapes(int(m * 2**20)), K) for m in sizes for K in tasks] if "synthetic" in parts else []
     cases += [("resnet18-trunk", resnet18_trunk_shapes(), 4)] if "resnet" in parts else []
-    header = f"{'case':>16} {'K':>3} {'provider':>8} {'ms/step':>10} {'GB/s':>7} {'copy GB/s':>9} {'floor ms':>9} {'x floor':>8} {'x inpl':>7} {'vs loop':>8}"
+    header = (f"{'case':>16} {'K':>3} {'provider':>8} {'ms/step':>10} {'GB/s':>7} {'floor GB/s':>10} {'floor ms':>9} "
+              f"{'of floor':>8} {'x floor':>8} {'x inpl':>7} {'vs loop':>8}")  # fmt: skip
     print(header)
     for name, shapes, K in cases:
         P = sum(torch.Size(s).numel() for s in shapes)
@@ -229,20 +252,21 @@ def main(argv: list[str] | None = None) -> None:
         if P * (1 + 3 * K) * 4 > args.max_gib * 2**30:
             print(f"{name:>16} {K:>3}  skipped: needs more than {args.max_gib} GiB")
             continue
-        # Measured again next to each case: on a shared machine the bandwidth drifts over a run.
-        bw = copy_bandwidth(device, copy_size, reps)
-        bw_inplace = inplace_bandwidth(device, copy_size, reps)
-        floor = nbytes / bw
+        # Measured next to each case: on a shared machine the bandwidth drifts over a run.
+        floor = floor_seconds(P, K, device, reps)
+        bw_inplace = inplace_bandwidth(device, inplace_size, reps)
         loop_s = None
         for prov in providers(device):
             s, _ = bench_step(shapes, K, prov, device, reps)
             loop_s = s if prov == "loop" else loop_s
-            row = dict(case=name, P=P, K=K, provider=prov, ms=s * 1e3, gbps=nbytes / s / 1e9, copy_gbps=bw / 1e9,
-                       inplace_gbps=bw_inplace / 1e9, floor_ms=floor * 1e3, x_inplace_floor=s * bw_inplace / nbytes,
-                       x_floor=s / floor, speedup_vs_loop=loop_s / s if loop_s else float("nan"))  # fmt: skip
+            row = dict(case=name, P=P, K=K, provider=prov, ms=s * 1e3, gbps=nbytes / s / 1e9,
+                       floor_gbps=nbytes / floor / 1e9, floor_ms=floor * 1e3, of_floor=floor / s, x_floor=s / floor,
+                       inplace_gbps=bw_inplace / 1e9, x_inplace_floor=s * bw_inplace / nbytes,
+                       speedup_vs_loop=loop_s / s if loop_s else float("nan"))  # fmt: skip
             rows.append(row)
-            print(f"{name:>16} {K:>3} {prov:>8} {row['ms']:>10.2f} {row['gbps']:>7.2f} {row['copy_gbps']:>9.2f} {row['floor_ms']:>9.2f} "
-                  f"{row['x_floor']:>8.2f} {row['x_inplace_floor']:>7.2f} {row['speedup_vs_loop']:>8.2f}")  # fmt: skip
+            print(f"{name:>16} {K:>3} {prov:>8} {row['ms']:>10.2f} {row['gbps']:>7.2f} {row['floor_gbps']:>10.2f} "
+                  f"{row['floor_ms']:>9.2f} {row['of_floor']:>8.2f} {row['x_floor']:>8.2f} {row['x_inplace_floor']:>7.2f} "
+                  f"{row['speedup_vs_loop']:>8.2f}")  # fmt: skip
     path = os.path.join(args.out, f"adatask_step_{device.type}_{stamp}")
     write_csv(path + ".csv", rows)
     bar_plot(path + ".png", rows, lambda r: f"{r['case']} K={r['K']}", "provider", "x_floor",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 import dgr_fast
 from dgr_fast import AdaTask
 from dgr_fast.backends import backend_status, triton_interpreting
+from dgr_fast.mtl import per_task_grads
 from dgr_fast.optim.adatask import _STEP, StepArgs, _load_extension
 from dgr_fast.reference.adatask import VARIANTS
 
@@ -212,6 +214,274 @@ def test_load_state_dict_refuses_other_num_tasks():
 
 
 # -------------------------------------------------------------------------------------------------------------- #
+def _full_snapshot(opt):
+    """What a call that raises must leave as it was, copied: every parameter's values, the state (keyed by parameter
+    identity) and the param groups."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return (
+        [p.detach().clone() for p in params],
+        {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in st.items()}
+         for p, st in opt.state.items()},
+        [{k: [id(p) for p in v] if k == "params" else copy.deepcopy(v) for k, v in g.items()} for g in opt.param_groups],
+    )  # fmt: skip
+
+
+def _deep_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and (a.dtype, a.device, a.shape, a.stride()) == (b.dtype, b.device, b.shape, b.stride())
+                and torch.equal(a, b))  # fmt: skip
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _edited(sd, edit):
+    sd = copy.deepcopy(sd)
+    edit(sd)
+    return sd
+
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    """Every dict that would break a later step is refused, naming the parameter or group and the key, and the
+    optimizer compares equal (deeply) before and after the failed load."""
+    shared, heads = _problem(0, torch.float32, torch.device("cpu"))
+    K = 3
+    opt, rms = _make("torch", shared, heads, K, "adam"), _make("torch", shared, heads, K, "rmsprop")
+    g = torch.Generator().manual_seed(0)
+    for o in (rms, opt, opt):
+        o.step(task_grads=_grads(g, shared, heads, K))
+    good, rms_sd = opt.state_dict(), rms.state_dict()
+    # Parameter ids: group 0 holds 0-2, group 1 holds 3-4 (shared), group 2 holds the heads 5-6.
+    st = lambda i, key, value: lambda sd: sd["state"][i].__setitem__(key, value)  # noqa: E731
+    pg = lambda i, key, value: lambda sd: sd["param_groups"][i].__setitem__(key, value)  # noqa: E731
+    bad = [
+        (_edited(good, st(0, "step", torch.tensor(-1.0))), ValueError, r"parameter 0 \(param group 0\): step must be an integer"),
+        (_edited(good, st(3, "step", float("nan"))), ValueError, r"parameter 3 \(param group 1\): step must be an integer"),
+        (_edited(good, st(5, "step", 2.5)), ValueError, r"parameter 5 \(param group 2\): step must be an integer"),
+        (_edited(good, st(1, "step", 2**25)), ValueError, r"parameter 1 .*2\^24"),
+        (_edited(good, st(1, "step", "2")), TypeError, r"parameter 1 .*step must be a number"),
+        (_edited(good, lambda sd: sd["state"][4].pop("step")), ValueError, r"parameter 4 .*missing key\(s\) \['step'\]"),
+        (_edited(good, st(1, "exp_avg", good["state"][1]["exp_avg"].double())), TypeError,
+         r"parameter 1 \(param group 0\): exp_avg has dtype torch.float64, expected torch.float32"),
+        (_edited(good, st(5, "exp_avg_sq", torch.zeros(K, 5, 3))), ValueError, r"parameter 5 \(param group 2\): exp_avg_sq has shape"),
+        (_edited(good, st(0, "au", torch.zeros(K + 1))), ValueError, r"parameter 0 .*au has shape"),
+        (_edited(good, lambda sd: sd["state"][2].pop("au")), ValueError, r"parameter 2 .*missing key\(s\) \['au'\]"),
+        (_edited(good, st(6, "au", torch.zeros(K))), ValueError, r"parameter 6 .*unexpected key\(s\) \['au'\]; a task parameter"),
+        (_edited(good, st(0, "exp_avg", [0.0])), TypeError, r"parameter 0 .*exp_avg must be a tensor"),
+        (_edited(good, lambda sd: sd["state"].__setitem__(99, {})), ValueError, r"parameter id\(s\) \[99\]"),
+        (rms_sd, ValueError, r"parameter 0 \(param group 0\): missing key\(s\) \['exp_avg'\]; a shared parameter of variant 'adam'"),
+        (_edited(good, pg(1, "lr", float("nan"))), ValueError, r"param group 1: lr must be >= 0"),
+        (_edited(good, pg(0, "betas", (1.5, 2.0))), ValueError, r"param group 0: betas\[0\] must be in \[0, 1\)"),
+        (_edited(good, pg(2, "eps", -1e-8)), ValueError, r"param group 2: eps must be >= 0"),
+        (_edited(good, pg(1, "weight_decay", "0.1")), TypeError, r"param group 1: weight_decay must be a real number"),
+        (_edited(good, lambda sd: sd["param_groups"][1].pop("lr")), ValueError, r"param group 1: missing key\(s\) \['lr'\]"),
+        (_edited(good, pg(2, "shared", True)), ValueError, r"param group 2: shared=True"),
+    ]  # fmt: skip
+    for target, sd, exc, word in [(opt, sd, exc, word) for sd, exc, word in bad] + [
+        (rms, good, ValueError, r"parameter 0 .*unexpected key\(s\) \['exp_avg'\]; a shared parameter of variant 'rmsprop'")
+    ]:
+        before = _full_snapshot(target)
+        with pytest.raises(exc, match=word):
+            target.load_state_dict(sd)
+        assert _deep_equal(_full_snapshot(target), before), word
+    # What is accepted: a step as a Python int, and non-contiguous moments, which are stored contiguous for the
+    # fused kernels.
+    odd = _edited(good, st(0, "step", 2))
+    odd["state"][0]["exp_avg"] = good["state"][0]["exp_avg"].transpose(0, 1).contiguous().transpose(0, 1)
+    opt.load_state_dict(odd)
+    state0 = opt.state[shared[0][0]]
+    assert state0["exp_avg"].is_contiguous() and torch.equal(state0["exp_avg"], good["state"][0]["exp_avg"])
+    assert state0["step"].dtype == torch.float32 and state0["step"].dim() == 0 and float(state0["step"]) == 2.0
+    opt.step(task_grads=_grads(g, shared, heads, K))
+    assert float(state0["step"]) == 3.0
+
+
+def test_failed_step_changes_nothing():
+    """A step that raises on the last bucket leaves the earlier ones (counters, moments, AU, parameters) as they were."""
+    backend = "cpp" if backend_status("cpp").available else "torch"
+    shared, heads = _problem(1, torch.float32, torch.device("cpu"))
+    K = 3
+    opt = _make(backend, shared, heads, K, "adam")
+    g = torch.Generator().manual_seed(2)
+    opt.step(task_grads=_grads(g, shared, heads, K))
+    late = opt.state[heads[1]]  # a task parameter: the last bucket of the step
+    late_shared = opt.state[shared[1][1]]
+    for state, corrupt, exc, word in [
+        (late, lambda st: st.__setitem__("exp_avg_sq", st["exp_avg_sq"].double()), TypeError,
+         r"param group 2 parameter 1: exp_avg_sq has dtype torch.float64"),
+        (late, lambda st: st.__setitem__("step", 1), TypeError, r"param group 2 parameter 1: step must be a 0-dim float32"),
+        (late_shared, lambda st: st.__setitem__("exp_avg", st["exp_avg"].t().contiguous().t()), ValueError,
+         r"param group 1 parameter 1: exp_avg must be a contiguous"),
+        (late_shared, lambda st: st.pop("au"), ValueError, r"param group 1 parameter 1: missing key\(s\) \['au'\]"),
+    ]:  # fmt: skip
+        saved = dict(state)
+        corrupt(state)
+        before = _full_snapshot(opt)
+        with pytest.raises(exc, match=word):
+            opt.step(task_grads=_grads(g, shared, heads, K))
+        assert _deep_equal(_full_snapshot(opt), before), word
+        state.clear()
+        state.update(saved)
+
+
+@pytest.mark.parametrize("backend", ("torch", "reference", "cpp", "triton", "cuda"))
+def test_non_contiguous_params_and_grads(backend):
+    """A transposed view made a Parameter, and a parameter whose .data became a permuted view, stepped in place (they
+    stay views) with non-contiguous gradients: torch.optim.Adam at K = 1, the contiguous reference run at K = 3."""
+    device = _need(backend)
+    g = torch.Generator().manual_seed(21)
+    base = [torch.randn(11, 37, generator=g), torch.randn(5, 6, 7, generator=g)]
+
+    def views():
+        a = torch.nn.Parameter(base[0].clone().to(device).t())  # [37, 11], strides (1, 37)
+        b = torch.nn.Parameter(base[1].clone().to(device))
+        b.data = b.data.permute(2, 0, 1)  # [7, 5, 6]
+        return a, b
+
+    def grads(K):
+        # Laid out unlike their parameters: the per-task gradient transposed, the head's permuted another way.
+        return (torch.randn(K, 11, 37, generator=g).transpose(1, 2).to(device),
+                torch.randn(6, 7, 5, generator=g).permute(1, 2, 0).to(device))  # fmt: skip
+
+    ours, theirs = views(), views()
+    opt = AdaTask([ours[0]], 1, lr=1e-2, task_params=[ours[1]], backend=backend)
+    ref = torch.optim.Adam(theirs, lr=1e-2)
+    for _ in range(4):
+        tg, hg = grads(1)
+        ours[1].grad, theirs[0].grad, theirs[1].grad = hg.clone(), tg[0].clone(), hg.clone()
+        opt.step(task_grads=[tg])
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert not a.is_contiguous() and a.stride() == b.stride()
+        if backend == "torch":
+            assert torch.equal(a, b)  # the same ATen ops on the same values
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    K = 3
+    ours = views()
+    flat = [torch.nn.Parameter(p.detach().contiguous()) for p in ours]
+    opt = AdaTask([ours[0]], K, lr=1e-2, task_params=[ours[1]], backend=backend, track_au=True)
+    ref = AdaTask([flat[0]], K, lr=1e-2, task_params=[flat[1]], backend="reference", track_au=True)
+    for _ in range(3):
+        tg, hg = grads(K)
+        ours[1].grad, flat[1].grad = hg.clone(), hg.contiguous()
+        opt.step(task_grads=[tg])
+        ref.step(task_grads=[tg.contiguous()])
+    _assert_same_run(([[ours[0]]], [ours[1]], opt), ([[flat[0]]], [flat[1]], ref), torch.float32)
+    assert not ours[0].is_contiguous() and not ours[1].is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpp", "triton", "cuda"))
+def test_bad_grad_scale(backend):
+    """A zero, negative, inf or NaN grad_scale would make every parameter NaN: refused on the CPU (ValueError), a
+    skipped step on a GPU, where reading the scale would cost a host sync."""
+    device = _need(backend)
+    shared, heads = _problem(3, torch.float32, device)
+    K = 2
+    opt = _make(backend, shared, heads, K, "adam")
+    g = torch.Generator().manual_seed(4)
+    opt.step(task_grads=_grads(g, shared, heads, K))
+    before = _full_snapshot(opt)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        scale = torch.full((1,), bad, device=device)
+        if device.type == "cpu":
+            with pytest.raises(ValueError, match="grad_scale must be positive and finite"):
+                opt.step(task_grads=_grads(g, shared, heads, K), grad_scale=scale)
+        else:
+            opt.step(task_grads=_grads(g, shared, heads, K), grad_scale=scale)
+        assert _deep_equal(_full_snapshot(opt), before), bad
+    # The device-side check the GPU path relies on, here on CPU tensors (which the host check stops before it).
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        assert float(opt._fold_nonfinite([], None, torch.full((1,), bad))) > 0
+    assert float(opt._fold_nonfinite([], torch.zeros(1), torch.full((1,), 2.0**16))) == 0
+
+
+def test_grad_scaler_with_shared_parameters_only():
+    """No task parameters: GradScaler finds no .grad in AdaTask's groups and hands it found_inf = 0 (a sum over no
+    inf checks); the step checks the per-task gradients itself. The heads' Adam under the same scaler gives
+    scaler.update() the inf checks it needs."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(6, 8)
+    twin = copy.deepcopy(trunk)
+    heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(2)])
+    opt = AdaTask(trunk.parameters(), 2, lr=1e-2, backend="torch")
+    twin_opt = AdaTask(twin.parameters(), 2, lr=1e-2, backend="torch")
+    head_opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)
+    x = torch.randn(16, 6)
+    for poison in (None, "task", "head", None):
+        head_opt.zero_grad()
+        z = trunk(x)
+        scaled = [scaler.scale(h(z).pow(2).mean()) for h in heads]
+        flat = per_task_grads(scaled, list(trunk.parameters()), retain_graph=True)
+        torch.autograd.backward(sum(scaled), inputs=list(heads.parameters()))
+        if poison == "task":
+            flat[1, 0] = float("inf")
+        elif poison == "head":
+            heads[1].weight.grad.fill_(float("nan"))
+        before = [p.detach().clone() for p in trunk.parameters()]
+        unscaled = flat / scaler.get_scale()
+        scaler.step(opt, task_grads=flat)
+        scaler.step(head_opt)
+        scaler.update()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, trunk.parameters()))
+        assert moved == (poison != "task")
+        if moved:
+            twin_opt.step(task_grads=unscaled)
+        for a, b in zip(trunk.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0**9  # backed off once, for the heads' NaN: a per-task inf alone does not lower it
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpp"))
+def test_sparse_gradients_are_refused(backend):
+    _need(backend)
+    shared, heads = _problem(5, torch.float32, torch.device("cpu"))
+    K = 2
+    opt = _make(backend, shared, heads, K, "adam")
+    g = torch.Generator().manual_seed(6)
+    opt.step(task_grads=_grads(g, shared, heads, K))
+    before = _full_snapshot(opt)
+    good = _grads(g, shared, heads, K)
+    sparse = list(good)
+    sparse[3] = good[3].to_sparse()
+    with pytest.raises(TypeError, match=r"task_grads\[3\] must be dense"):
+        opt.step(task_grads=sparse)
+    with pytest.raises(TypeError, match=r"task_grads must be dense"):
+        opt.step(task_grads=torch.cat([x.reshape(K, -1) for x in good], dim=1).to_sparse())
+    heads[0].grad = heads[0].grad.to_sparse()
+    with pytest.raises(TypeError, match=r"param group 2 parameter 0: AdaTask does not take sparse gradients"):
+        opt.step(task_grads=good)
+    assert _deep_equal(_full_snapshot(opt), before)
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_adatask", os.path.join(ROOT, "benchmarks", "bench_adatask.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_floor_moves_the_steps_bytes():
+    """The floor of benchmarks/bench_adatask.py reads the K gradients once and reads and writes θ and the 2K moments
+    in place, once each: the bytes step_bytes counts for the step, with the step's read/write mix."""
+    bench = _bench_script()
+    P, K = 100, 3
+    grads, exp_avgs, rest = tensors = bench.floor_tensors(P, K, torch.device("cpu"))
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    assert 2 * (nbytes(exp_avgs) + nbytes(rest)) + nbytes(grads) == bench.step_bytes(P, K)
+    before = [(t._version, t.clone()) for t in tensors]
+    bench.floor_pass(*tensors)
+    # One in-place op on each written buffer (its version counter moves by one), none on the gradients.
+    assert [t._version - v for (v, _), t in zip(before, tensors)] == [0, 1, 1]
+    assert torch.equal(grads, before[0][1]) and torch.equal(rest, before[2][1])
+    assert torch.equal(exp_avgs, before[1][1] + grads)
+
+
+# -------------------------------------------------------------------------------------------------------------- #
 def _snapshot(opt, params):
     return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
 
@@ -331,7 +601,12 @@ def test_bad_input_raises_before_state_changes():
     # A backend asked for by name that cannot take a bucket raises before any bucket moved.
     if backend_status("triton").available and not torch.cuda.is_available():
         opt.backend = "triton"
-        opt.param_groups[1]["params"][0].data = opt.param_groups[1]["params"][0].data.double()
+        p64 = opt.param_groups[1]["params"][0]
+        p64.data = p64.data.double()
+        # Its fp32 moments do not fit an fp64 parameter (whose moments are fp64): refused first.
+        with pytest.raises(TypeError, match=r"param group 1 parameter 0: exp_avg has dtype torch.float32"):
+            opt.step(task_grads=good)
+        del opt.state[p64]
         with pytest.raises(RuntimeError, match="float64"):
             opt.step(task_grads=good)
     _assert_unchanged(opt, allp[:3], (snap[0][:3], snap[1][:3]))

@@ -19,13 +19,18 @@ One step of a param group is one call into a backend for each (device, dtype) bu
 - ``torch``: ``torch._foreach_*`` ops, K passes (the portable path, defined here).
 - ``reference``: ``dgr_fast/reference/adatask.py``, task by task and tensor by tensor.
 
-Each fused backend reads θ, the K gradients and the 2K moments once and writes θ and the moments once.
+Each fused backend reads θ, the K gradients and the 2K moments once and writes θ and the moments once. A
+non-contiguous parameter (a transposed view, a channels-last weight) is stepped through a contiguous copy, copied back
+after the step, on every backend alike: two more passes over that θ.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -54,10 +59,11 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 class StepArgs:
     """One step of a (device, dtype) bucket, as every backend takes it.
 
-    ``params`` T tensors; ``grads[t]`` ``[K, n_t]`` (inner stride 1, θ's dtype); moments ``[K, n_t]`` contiguous in
-    ``state_dtype`` (``exp_avgs`` empty unless adam); ``coef`` ``[T, 2]`` fp64 (step size lr / bc1, sqrt(bc2));
-    ``steps`` the T step counters (already advanced); ``variant`` the index in ``VARIANTS``; ``grad_scale`` /
-    ``found_inf`` ``[1]`` fp32 or None; ``au_sums`` ``[T, K]`` fp32, written (each task's squared update share).
+    ``params`` T contiguous tensors; ``grads[t]`` ``[K, n_t]`` (inner stride 1, θ's dtype); moments ``[K, n_t]``
+    contiguous in ``state_dtype`` (``exp_avgs`` empty unless adam); ``coef`` ``[T, 2]`` fp64 (step size lr / bc1,
+    sqrt(bc2)); ``steps`` the T step counters as they are after this step (the optimizer's own counters advance once
+    the backend has returned); ``variant`` the index in ``VARIANTS``; ``grad_scale`` / ``found_inf`` ``[1]`` fp32 or
+    None; ``au_sums`` ``[T, K]`` fp32, written (each task's squared update share).
     """
 
     params: list[torch.Tensor]
@@ -218,6 +224,78 @@ def _check_hyper(where: str, lr: Any, betas: Any, eps: Any, weight_decay: Any) -
             raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {b}")
 
 
+_HYPER = ("lr", "betas", "eps", "weight_decay")
+# The step counter is an fp32 tensor, as in torch.optim.Adam: integers above 2^24 are not exact in it.
+_MAX_STEP = 2**24
+
+
+def _step_value(where: str, step: Any) -> float:
+    """The value of a saved step counter, which must be an integer in [0, 2^24], as a number or 1-element tensor."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype == torch.bool or step.is_complex() or step.layout != torch.strided:
+            raise TypeError(f"{where}: step must be a number or a 1-element real tensor, got a {step.dtype} tensor "
+                            f"of shape {list(step.shape)}")  # fmt: skip
+        value = float(step.reshape(()).item())
+    elif isinstance(step, numbers.Real) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise TypeError(f"{where}: step must be a number or a 1-element real tensor, got {type(step).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= _MAX_STEP and value == math.floor(value)):
+        raise ValueError(f"{where}: step must be an integer in [0, 2^24], got {value}")
+    return value
+
+
+def _check_state_entry(
+    where: str,
+    entry: Any,
+    keys: tuple[str, ...],
+    what: str,
+    moment_shape: tuple[int, ...],
+    num_tasks: int,
+    dtype: torch.dtype,
+    device: torch.device | None,
+) -> None:
+    """Raise ValueError/TypeError (naming ``where`` and the key) unless ``entry`` is a state a step can take.
+
+    An empty dict is a parameter that never stepped. Otherwise: exactly ``keys`` (``what`` says whose they are),
+    dense moments of ``moment_shape`` in ``dtype``, ``au`` ``[num_tasks]`` fp32. ``device`` None checks a state being
+    loaded (tensors anywhere, any step representation: ``_step_value`` checks its value); a device checks a state
+    about to be stepped there: every tensor on it and contiguous, and the step the fp32 0-dim counter the optimizer
+    keeps (its value is not read, which on a GPU would cost a sync).
+    """
+    if not isinstance(entry, dict):
+        raise TypeError(f"{where}: a state must be a dict, got {type(entry).__name__}")
+    if not entry:
+        return
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; {what} keeps {list(keys)}")
+    extra = [k for k in entry if k not in keys]
+    if extra:
+        raise ValueError(f"{where}: unexpected key(s) {extra}; {what} keeps {list(keys)}")
+    for key in keys:
+        t = entry[key]
+        if key == "step":
+            if device is None:
+                _step_value(where, t)
+            elif not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 0 and t.device == device):
+                raise TypeError(f"{where}: step must be a 0-dim float32 tensor on {device}")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {key} must be a tensor, got {type(t).__name__}")
+        want_shape, want_dtype = ((num_tasks,), torch.float32) if key == "au" else (moment_shape, dtype)
+        if t.layout != torch.strided:
+            raise TypeError(f"{where}: {key} must be a dense tensor, got layout {t.layout}")
+        if tuple(t.shape) != want_shape:
+            raise ValueError(f"{where}: {key} has shape {list(t.shape)}, expected {list(want_shape)}"
+                             " (different num_tasks, or a shared/task mix-up?)")  # fmt: skip
+        if t.dtype != want_dtype:
+            raise TypeError(f"{where}: {key} has dtype {t.dtype}, expected {want_dtype}")
+        if device is not None and (t.device != device or not t.is_contiguous()):
+            raise ValueError(f"{where}: {key} must be a contiguous tensor on {device}, got one on {t.device}"
+                             f"{'' if t.is_contiguous() else ' (non-contiguous)'}")  # fmt: skip
+
+
 def _as_groups(params: Any, name: str, shared: bool) -> list[dict[str, Any]]:
     if isinstance(params, torch.Tensor):
         raise TypeError(f"{name} must be an iterable of tensors or of param-group dicts, got a single tensor")
@@ -260,7 +338,19 @@ class AdaTask(Optimizer):
     step (moments, θ, step counter, AU) is skipped when ``found_inf`` is non-zero. The ``cpp``/``triton``/``cuda``
     backends do this without a host sync; ``torch``/``reference`` read the flag on the host. While a scale is active
     the per-task gradients are also checked for inf/NaN (one extra read of them), because GradScaler only inspects
-    ``.grad``; a skip caused by them alone does not lower the scaler's scale.
+    ``.grad``; a skip caused by them alone does not lower the scaler's scale. A ``grad_scale`` that is zero, negative,
+    inf or NaN would turn every parameter into NaN: on the CPU the step refuses it (``ValueError``, read on the host
+    at no cost); on a GPU reading it would cost a host sync, so there such a scale sets ``found_inf`` instead and the
+    step is skipped.
+
+    Without task parameters GradScaler finds no ``.grad`` in the param groups, and hands ``found_inf`` as the sum of
+    no inf checks (the int 0): the step then relies on its own check of the per-task gradients. torch's
+    ``scaler.update()`` needs at least one recorded inf check, so it works when the same scaler also steps an
+    optimizer whose parameters have a ``.grad`` (the heads' Adam, say); with AdaTask alone it raises "No inf checks
+    were recorded prior to update".
+
+    A step that raises leaves the parameters and the whole state (counters, moments, AU) as they were: everything
+    that could fail is checked before anything changes.
     """
 
     _step_supports_amp_scaling = True
@@ -317,6 +407,15 @@ class AdaTask(Optimizer):
     def shared_params(self) -> list[torch.Tensor]:
         """The shared parameters, in the order ``task_grads`` follows."""
         return [p for g in self.param_groups if g["shared"] for p in g["params"]]
+
+    def _state_layout(self, p: torch.Tensor, shared: bool) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
+        """The keys of ``p``'s state, whose they are (for messages), and the shape of its moments."""
+        keys = ("step",) + (("exp_avg",) if self.variant == "adam" or not shared else ()) + ("exp_avg_sq",)
+        if shared:
+            keys += ("au",) if self.track_au else ()
+            what = f"a shared parameter of variant {self.variant!r}{', track_au=True' if self.track_au else ''}"
+            return keys, what, (self.num_tasks, *p.shape)
+        return keys, "a task parameter (Adam)", tuple(p.shape)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of every parameter and the per-task gradients :meth:`backward` accumulated."""
@@ -376,6 +475,8 @@ class AdaTask(Optimizer):
             views = self._pending[1]
             return [views.get(p) for p in shared]
         if isinstance(task_grads, torch.Tensor):
+            if task_grads.layout != torch.strided:
+                raise TypeError(f"task_grads must be dense (AdaTask takes no sparse gradients), not {task_grads.layout}")
             total = sum(p.numel() for p in shared)
             if task_grads.dim() != 2 or tuple(task_grads.shape) != (K, total):
                 raise ValueError(f"task_grads: a single tensor must be [num_tasks, P] = [{K}, {total}], "
@@ -397,6 +498,8 @@ class AdaTask(Optimizer):
                 continue
             if not isinstance(g, torch.Tensor):
                 raise TypeError(f"task_grads[{i}] must be a tensor or None, got {type(g).__name__}")
+            if g.layout != torch.strided:
+                raise TypeError(f"task_grads[{i}] must be dense (AdaTask takes no sparse gradients), not {g.layout}")
             if not g.is_floating_point():
                 raise TypeError(f"task_grads[{i}] must be floating point, got {g.dtype}")
             if tuple(g.shape) != (K, *p.shape):
@@ -429,8 +532,11 @@ class AdaTask(Optimizer):
         Args:
             closure: re-evaluates the model; it should call :meth:`backward`. Its result is returned.
             task_grads: see the class docstring; ``None`` uses what :meth:`backward` accumulated.
-            grad_scale: the AMP loss scale (gradients are divided by it inside the step), 1-element fp32.
+            grad_scale: the AMP loss scale (gradients are divided by it inside the step), 1-element fp32, > 0 and
+                finite: a CPU one that is not raises ``ValueError``, one on another device skips the step (no sync).
             found_inf: non-zero skips the whole step, without a host sync on the fused backends.
+
+        Raises ``ValueError``/``TypeError`` (bad gradients, parameters or state) with nothing changed.
         """
         loss = None
         if closure is not None:
@@ -440,23 +546,28 @@ class AdaTask(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+            # GradScaler sets found_inf to the sum of its per-device inf checks of the param groups' .grad; with no
+            # .grad anywhere (no task parameters) that is sum([]), the int 0: nothing found, the per-task gradients
+            # are checked below.
+            if isinstance(found_inf, numbers.Real) and not isinstance(found_inf, bool) and found_inf == 0:
+                found_inf = None
         self._check_amp_tensor("grad_scale", grad_scale)
         self._check_amp_tensor("found_inf", found_inf)
+        if grad_scale is not None and grad_scale.device.type == "cpu":
+            value = float(grad_scale.reshape(()))
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"grad_scale must be positive and finite, got {value}")
         grads = self._resolve_task_grads(task_grads)
-        for gi, group in enumerate(self.param_groups):
-            if group["shared"]:
-                continue
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"param group {gi}: AdaTask does not take sparse gradients")
-        # Bucket by (device, dtype) and pick every bucket's backend before anything changes, so that a backend that
-        # cannot run raises with the optimizer untouched.
+        # Check every parameter that steps and its state, bucket by (device, dtype) and pick every bucket's backend
+        # before anything changes, so that a step that raises leaves the optimizer and the parameters untouched.
         work = []
         shared_iter = iter(grads)
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            shared = group["shared"]
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
-            for p in group["params"]:
-                if group["shared"]:
+            for j, p in enumerate(group["params"]):
+                where = f"param group {gi} parameter {j}"
+                if shared:
                     g = next(shared_iter)
                     if g is None:
                         continue
@@ -464,7 +575,16 @@ class AdaTask(Optimizer):
                 else:
                     if p.grad is None:
                         continue
+                    if p.grad.layout != torch.strided:
+                        raise TypeError(f"{where}: AdaTask does not take sparse gradients, got a {p.grad.layout} .grad")
                     g2 = p.grad.reshape(1, -1)
+                if not p.is_floating_point():
+                    raise TypeError(f"{where}: AdaTask steps floating-point parameters, got {p.dtype}")
+                st = self.state.get(p)  # .get: the defaultdict would add an entry
+                if st:
+                    keys, what, shape = self._state_layout(p, shared)
+                    _check_state_entry(f"state of {where}", st, keys, what, shape, self.num_tasks, state_dtype(p.dtype),
+                                       p.device)  # fmt: skip
                 if g2.dtype != p.dtype:
                     g2 = g2.to(p.dtype)
                 if g2.shape[1] > 1 and g2.stride(1) != 1:
@@ -476,12 +596,16 @@ class AdaTask(Optimizer):
                 backend = adatask_backend(device, dtype, self.backend)
                 work.append((group, ps, gs, device, dtype, backend))
         if grad_scale is not None or found_inf is not None:
-            found_inf = self._fold_task_grad_nonfinite(grads, found_inf)
+            found_inf = self._fold_nonfinite(grads, found_inf, grad_scale)
         for group, ps, gs, device, dtype, backend in work:
             self._bucket_step(group, ps, gs, device, dtype, backend, grad_scale, found_inf)
         return loss
 
-    def _fold_task_grad_nonfinite(self, grads: list[torch.Tensor | None], found_inf: torch.Tensor | None) -> torch.Tensor:
+    def _fold_nonfinite(
+        self, grads: list[torch.Tensor | None], found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``found_inf``, plus 1 for an inf/NaN in a per-task gradient or a ``grad_scale`` that is not > 0 and
+        finite: device ops, no host sync."""
         present = [g for g in grads if g is not None]
         device = present[0].device if present else self.shared_params()[0].device
         flag = torch.zeros((), dtype=torch.float32, device=device)
@@ -489,6 +613,9 @@ class AdaTask(Optimizer):
             flag = flag + (~torch.stack([torch.isfinite(g).all() for g in present]).all()).float()
         if found_inf is not None:
             flag = flag + found_inf.to(device=device, dtype=torch.float32).reshape(())
+        if grad_scale is not None:
+            s = grad_scale.to(device=device, dtype=torch.float32).reshape(())
+            flag = flag + (~(torch.isfinite(s) & (s > 0))).float()
         return flag
 
     def _bucket_step(
@@ -525,25 +652,28 @@ class AdaTask(Optimizer):
             grad_scale = grad_scale.to(device=device, dtype=torch.float32).reshape(1)
         steps = [st["step"] for st in states]
         if found_inf is None:
-            torch._foreach_add_(steps, 1.0)
+            advance: float | torch.Tensor = 1.0
         else:
-            torch._foreach_add_(steps, (found_inf == 0).to(torch.float32).reshape(()))
+            advance = (found_inf == 0).to(torch.float32).reshape(())
+        new_steps = torch.stack(steps) + advance
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        s = torch.stack(steps).double()
+        s = new_steps.double()
         if adam:
             coef = torch.stack([lr / (1.0 - beta1**s), (1.0 - beta2**s).sqrt()], dim=1)
         else:
             coef = torch.stack([torch.full_like(s, lr), torch.ones_like(s)], dim=1)
         track = shared and self.track_au
         au_sums = torch.empty(len(params), K, dtype=torch.float32, device=device) if track else None
+        # Every backend takes θ as one flat run of memory in the moments' (row-major) element order.
+        thetas = [p.detach() if p.is_contiguous() else p.detach().contiguous() for p in params]
         _STEP[backend](StepArgs(
-            params=[p.detach() for p in params],
+            params=thetas,
             grads=grads,
             exp_avgs=[st["exp_avg"].view(K, -1) for st in states] if adam else [],
             exp_avg_sqs=[st["exp_avg_sq"].view(K, -1) for st in states],
             coef=coef.contiguous(),
-            steps=steps,
+            steps=list(new_steps.unbind()),
             lr=lr,
             beta1=float(beta1),
             beta2=float(beta2),
@@ -554,6 +684,10 @@ class AdaTask(Optimizer):
             found_inf=found_inf,
             au_sums=au_sums,
         ))
+        for p, theta in zip(params, thetas):
+            if not p.is_contiguous():
+                p.detach().copy_(theta)
+        torch._foreach_add_(steps, advance)
         if au_sums is not None:
             weight = torch.full((), 1.0 - self.au_beta, dtype=torch.float32, device=device)
             if found_inf is not None:
@@ -598,36 +732,83 @@ class AdaTask(Optimizer):
 
     # ---------------------------------------------------------------------------------------------------------- #
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. The moments keep their fp32 dtype (torch's loader would cast them to the
-        parameter's dtype), so a resumed run continues bit for bit."""
-        saved_groups = state_dict["param_groups"]
+        """Restore a :meth:`state_dict`, all of it checked first: one that fails a check raises ``ValueError`` or
+        ``TypeError`` naming the param group or parameter and the key, with the optimizer unchanged.
+
+        Checked: the param groups (their count and sizes, ``shared``, and ``lr``/``betas``/``eps``/``weight_decay``
+        by the constructor's rules), that the state belongs to parameters the groups list, and every state entry:
+        exactly the keys this optimizer's variant keeps for a shared (``au`` too with ``track_au``) or a task
+        parameter, moments of shape ``[num_tasks, *θ.shape]`` (shared) or ``θ.shape`` (task) in ``state_dtype``,
+        ``au`` ``[num_tasks]`` fp32, ``step`` an integer in [0, 2^24]. The tensors are copied to their parameter's
+        device; the moments keep their fp32 dtype (torch's loader would cast them to the parameter's dtype), so a
+        resumed run continues bit for bit. Load-state-dict hooks run as in torch: pre-hooks before the checks.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key, kind in (("state", dict), ("param_groups", (list, tuple))):
+            if key not in state_dict:
+                raise ValueError(f"state_dict: missing key {key!r}")
+            if not isinstance(state_dict[key], kind):
+                raise TypeError(f"state_dict: {key} must be a {'dict' if kind is dict else 'list'}, "
+                                f"got {type(state_dict[key]).__name__}")  # fmt: skip
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}")
         pairs = []
         for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict param group {i}"
+            if not isinstance(sg, dict):
+                raise TypeError(f"{where} must be a dict, got {type(sg).__name__}")
+            missing = [k for k in ("params", "shared") + _HYPER if k not in sg]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing}")
+            if not isinstance(sg["params"], (list, tuple)):
+                raise TypeError(f"{where}: params must be a list of parameter ids, got {type(sg['params']).__name__}")
             if len(sg["params"]) != len(g["params"]):
-                raise ValueError(f"state_dict param group {i} has {len(sg['params'])} parameters, this one {len(g['params'])}")
-            if sg.get("shared", True) != g["shared"]:
-                raise ValueError(f"state_dict param group {i}: shared={sg.get('shared')} but this group has shared={g['shared']}")
-            pairs += [(pid, p, g["shared"]) for pid, p in zip(sg["params"], g["params"])]
-        saved_state = state_dict["state"]
-        for pid, p, shared in pairs:
+                raise ValueError(f"{where} has {len(sg['params'])} parameters, this one {len(g['params'])}")
+            if sg["shared"] is not g["shared"]:
+                raise ValueError(f"{where}: shared={sg['shared']!r} but this group has shared={g['shared']}")
+            _check_hyper(f"{where}: ", sg["lr"], sg["betas"], sg["eps"], sg["weight_decay"])
+            pairs += [(pid, p, g["shared"], i) for pid, p in zip(sg["params"], g["params"])]
+        ids = [pid for pid, _, _, _ in pairs]
+        if not all(isinstance(pid, Hashable) for pid in ids):
+            raise TypeError("state_dict: param_groups list an unhashable parameter id")
+        if len(set(ids)) != len(ids):
+            raise ValueError("state_dict: param_groups list a parameter id more than once")
+        listed = set(ids)
+        unknown = [pid for pid in saved_state if pid not in listed]
+        if unknown:
+            raise ValueError(f"state_dict: state of parameter id(s) {unknown[:5]} that no param group lists")
+        for pid, p, shared, gi in pairs:
+            if pid in saved_state:
+                keys, what, shape = self._state_layout(p, shared)
+                _check_state_entry(f"state_dict: state of parameter {pid!r} (param group {gi})", saved_state[pid], keys,
+                                   what, shape, self.num_tasks, state_dtype(p.dtype), None)  # fmt: skip
+        # Everything checked: build the new state and groups aside, then swap them in as torch's loader does.
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for pid, p, _, _ in pairs:
             if pid not in saved_state:
                 continue
-            want = (self.num_tasks, *p.shape) if shared else tuple(p.shape)
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = saved_state[pid].get(key)
-                if t is not None and tuple(t.shape) != want:
-                    raise ValueError(f"state_dict: {key} of parameter {pid} has shape {list(t.shape)}, expected {list(want)}"
-                                     " (different num_tasks, or a shared/task mix-up?)")  # fmt: skip
-        super().load_state_dict({**state_dict, "state": {}})
-        for pid, p, shared in pairs:
-            if pid in saved_state:
-                st = {k: v.to(device=p.device).clone() if isinstance(v, torch.Tensor) else v
-                      for k, v in saved_state[pid].items()}  # fmt: skip
-                if "step" in st:
-                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32, device=p.device).reshape(())
-                self.state[p] = st
+            state[p] = {
+                k: torch.tensor(_step_value("", v), dtype=torch.float32, device=p.device) if k == "step"
+                else v.to(device=p.device, memory_format=torch.contiguous_format, copy=True)
+                for k, v in saved_state[pid].items()
+            }  # fmt: skip
+        groups = []
+        for sg, g in zip(saved_groups, self.param_groups):
+            ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in ng:
+                ng["param_names"] = g["param_names"]
+            groups.append(ng)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults, state and param_groups; the task count and variant go along.
