@@ -38,6 +38,7 @@ import torch
 from torch.optim import Optimizer
 
 from dgr_fast.backends import BACKENDS, resolve_backend
+from dgr_fast.distributed import check_process_group, sync_for
 from dgr_fast.reference.adatask import VARIANTS, adatask_step_reference
 
 _IMPLEMENTED: tuple[str, ...] = ("cuda", "triton", "cpp", "torch", "reference")
@@ -327,6 +328,11 @@ class AdaTask(Optimizer):
             ``torch``, ``reference``; a named backend that cannot run raises ``RuntimeError``.
         track_au: keep each task's AU per shared parameter (see :meth:`task_dominance`).
         au_beta: decay of the AU exponential average.
+        process_group: under ``torch.distributed``, ``None`` (the default group) or a group: :meth:`backward`'s
+            per-task gradients and the task parameters' gradients are averaged over the ranks (one flat buffer), and
+            so are ``task_grads`` handed to :meth:`step` together with the task parameters' ``.grad`` (averaging
+            gradients a caller has already averaged leaves them as they are, at the cost of the all-reduce);
+            ``"local"``: no synchronisation.
 
     Gradients: ``step(task_grads=...)`` takes one ``[num_tasks, *θ.shape]`` tensor (or ``None``: θ is not updated)
     per shared parameter in order, or one ``[num_tasks, P]`` tensor over all P shared elements (split into views,
@@ -368,6 +374,7 @@ class AdaTask(Optimizer):
         backend: str | None = None,
         track_au: bool = False,
         au_beta: float = 0.99,
+        process_group: object = None,
     ) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
             raise TypeError(f"num_tasks must be an int, got {type(num_tasks).__name__}")
@@ -387,6 +394,8 @@ class AdaTask(Optimizer):
         self.backend = backend
         self.track_au = track_au
         self.au_beta = float(au_beta)
+        check_process_group(process_group)
+        self.process_group = process_group
         groups = _as_groups(params, "params", shared=True)
         if task_params is not None:
             groups += _as_groups(task_params, "task_params", shared=False)
@@ -449,10 +458,11 @@ class AdaTask(Optimizer):
         heads = [p for g in self.param_groups if not g["shared"] for p in g["params"] if p.requires_grad]
         if not shared:
             raise ValueError("params: no shared parameter requires grad")
-        flat, head_grads = _per_task_grads(loss_list, shared, features, mode, retain_graph, chunk_size, heads)
+        flat, head_grads = _per_task_grads(loss_list, shared, features, mode, retain_graph, chunk_size, heads,
+                                           sync_for(self.process_group))
         for p, g in zip(heads, head_grads):
             if p.grad is None:
-                p.grad = g.to(p.dtype)
+                p.grad = g.to(p.dtype, copy=True)  # a view of the per-task buffer, which .grad must not keep alive
             else:
                 p.grad.add_(g)
         if self._pending is not None:
@@ -557,7 +567,18 @@ class AdaTask(Optimizer):
             value = float(grad_scale.reshape(()))
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"grad_scale must be positive and finite, got {value}")
-        grads = self._resolve_task_grads(task_grads)
+        grads = self._resolve_task_grads(task_grads)  # checked before any collective: ranks must agree on shapes
+        sync = sync_for(self.process_group)
+        if sync is not None and task_grads is not None:
+            # Gradients computed outside backward() are this rank's (per_task_grads is local by default): averaged
+            # in a copy (one [K, P] buffer stays one buffer), the caller's tensors left as they are.
+            task_grads = task_grads.clone() if isinstance(task_grads, torch.Tensor) else [
+                None if g is None else g.clone() if isinstance(g, torch.Tensor) else g for g in task_grads]
+            head_grads = [p.grad for g in self.param_groups if not g["shared"] for p in g["params"] if p.grad is not None]
+            shared_grads = [task_grads] if isinstance(task_grads, torch.Tensor) else [
+                g for g in task_grads if isinstance(g, torch.Tensor)]
+            sync.all_reduce_mean_(shared_grads + head_grads)
+            grads = self._resolve_task_grads(task_grads)
         # Check every parameter that steps and its state, bucket by (device, dtype) and pick every bucket's backend
         # before anything changes, so that a step that raises leaves the optimizer and the parameters untouched.
         work = []
@@ -812,12 +833,14 @@ class AdaTask(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults, state and param_groups; the task count and variant go along.
-        extra = {k: self.__dict__[k] for k in ("num_tasks", "variant", "backend", "track_au", "au_beta")}
+        extra = {k: self.__dict__[k] for k in ("num_tasks", "variant", "backend", "track_au", "au_beta",
+                                               "process_group")}
         return {**super().__getstate__(), **extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._pending = None  # per-task gradients belong to one backward pass, not to a saved optimizer
+        self.__dict__.setdefault("process_group", None)  # pickled before the option existed
 
 
 def _relative(au: torch.Tensor) -> torch.Tensor:
