@@ -39,13 +39,14 @@ class Case:
     ddp: bool = False
     dtype: torch.dtype = torch.float64
     resample: str = "never"
+    heads: str = "linear"  # the dummy heads: "linear", or module heads of the rows' MLP / the maps' conv kind
 
     @property
     def name(self) -> str:
         parts = [self.kind, self.method, self.optimizer, "dgr" if self.dgr else "plain",
                  "dense" if self.dense else "rows", self.grad_mode]
         parts += ["ddp"] * self.ddp + ["fp32"] * (self.dtype == torch.float32) + [f"resample_{self.resample}"] * (
-            self.resample != "never")
+            self.resample != "never") + [f"{self.heads}_heads"] * (self.heads != "linear")
         return "-".join(parts)
 
 
@@ -62,7 +63,10 @@ def _cases() -> list[Case]:
               Case("step", "ew", "adatask", True, False, "batched", ddp=True),
               Case("step", "cagrad", "adam", True, True, "batched", dtype=torch.float32),
               Case("step", "rlw", "adatask", True, True, dtype=torch.float32),
-              Case("step", "ew", "sgd", True, False, resample="step")]
+              Case("step", "ew", "sgd", True, False, resample="step"),
+              Case("step", "ew", "sgd", True, False, heads="module"), Case("step", "pcgrad", "adam", True, True, heads="module"),
+              Case("step", "ew", "adatask", True, True, heads="module"), Case("plain", optimizer="sgd", dgr=True, ddp=True,
+                                                                              heads="module")]
     for method, dgr in itertools.product(("ew", "pcgrad", "cagrad"), (False, True)):
         cases.append(Case("sam", method, "adam", dgr, dense=dgr))
     cases += [Case("sam", "mgda", "adam", True, ddp=True)]
@@ -91,6 +95,17 @@ class Net(nn.Module):
     def forward(self, x):
         z = self.encoder(x)
         return z, [h(z) for h in self.heads]
+
+
+def _dummy_tasks(case: Case) -> list[DummyTask]:
+    if case.heads == "linear":
+        return TASKS
+
+    def factory(c):  # rows: the UTKFace kind of MLP; maps: conv - BatchNorm - ReLU - 1x1 conv
+        if case.dense:
+            return lambda: nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, c, 1))
+        return lambda: nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, c), nn.ReLU())
+    return [DummyTask(t.loss, t.out_features, head=factory(t.out_features)) for t in TASKS]
 
 
 def _batch(case: Case, step: int, rank: int, world: int, half: int | None = None):
@@ -135,7 +150,7 @@ def train(case: Case, rank: int, world: int, group) -> torch.Tensor:
         method = method.to(case.dtype)  # uncertainty weighting's log-variances: fp32 unless moved
     extra = list(method.parameters()) if isinstance(method, nn.Module) else []
     opt = _optimizer(case, model, extra, group)
-    dummy = DummyHeads(6, TASKS, dtype=case.dtype, backend="torch", resample=case.resample,
+    dummy = DummyHeads(6, _dummy_tasks(case), dtype=case.dtype, backend="torch", resample=case.resample,
                        process_group=group) if case.dgr else None
     weighting = method if isinstance(method, Weighting) else None
     aggregator = None if weighting is not None else method

@@ -5,13 +5,12 @@ Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions"
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dgr_fast.dummy_heads import DummyHeads
+from dgr_fast.dummy_heads import DummyHeads, frozen_batchnorm_stats
 from dgr_fast.mtl.aggregators import Aggregator, Sum
 from dgr_fast.distributed import check_process_group, sync_for
 from dgr_fast.mtl.grads import per_task_grads
@@ -21,21 +20,6 @@ from dgr_fast.mtl.scales import aggregator_scale, check_scale
 __all__ = ["TaskSAM", "frozen_batchnorm_stats"]
 
 ClosureResult = Sequence[Tensor] | Tensor | tuple[Sequence[Tensor] | Tensor, Tensor]
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Within the block, forwards in training mode still normalise with batch statistics, but every BatchNorm
-    layer's running mean, running variance and batch counter are restored on exit (the effect of the Task-SAM
-    authors' momentum = 0, also for ``momentum=None``)."""
-    buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
 
 
 def _loss_list(result: Sequence[Tensor] | Tensor, name: str) -> list[Tensor]:
