@@ -36,7 +36,6 @@ from dgr_fast.benchmarks import bar_plot, bench_parser, malloc_mode, write_csv  
 from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
 from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
 from dgr_fast.mtl.step import MTLStep  # noqa: E402
-from dgr_fast.reference import finite_difference_features_grad, task_loss  # noqa: E402
 
 TASKS = {"seg": DummyTask("ce", 13, ignore_index=-1), "depth": DummyTask("l1", 1, reduction="row_mean"),
          "normal": DummyTask("l1", 3, reduction="row_mean")}
@@ -95,7 +94,14 @@ def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str,
     torch.manual_seed(0)
     model = Model(blocks=blocks).to(device)
     shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
-    dummy = None if dgr in (None, "fd") else DummyHeads(64, TASKS, seed=0, backend=dgr, device=device)
+    if dgr is None:
+        dummy = None
+    elif dgr == "fd":  # the authors' estimate: the heads' own conv layers, perturbed along their gradient
+        heads_fd = {k: DummyTask(t.loss, t.out_features, ignore_index=t.ignore_index, reduction=t.reduction,
+                                 head=lambda c=t.out_features: nn.Conv2d(64, c, 1)) for k, t in TASKS.items()}
+        dummy = DummyHeads(None, heads_fd, seed=0, estimator="finite_difference", device=device)
+    else:
+        dummy = DummyHeads(64, TASKS, seed=0, backend=dgr, device=device)
     if method == "adatask":
         opt = AdaTask(shared, num_tasks=3, task_params=heads, lr=1e-4)
         return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, grad_mode=grad_mode)
@@ -109,31 +115,9 @@ def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str,
     return model, MTLStep(shared, heads, opt, dummy_heads=dummy, dgr_lambda=lam, grad_mode=grad_mode, **kind)
 
 
-def fd_step(model, opt_step: MTLStep, data, lam, dummy: DummyHeads):
-    """Equal weighting + DGR through the authors' finite-difference estimate of the encoder gradient."""
-    x, seg, depth, normal, valid = data
-    z, losses = model(x, seg, depth, normal, valid)
-    opt_step.optimizer.zero_grad()
-    sum(losses).backward(retain_graph=True)
-    heads = [nn.Conv2d(64, t.out_features, 1).to(x.device) for t in TASKS.values()]
-    with torch.no_grad():
-        for head, (c0, c1) in zip(heads, zip(dummy.offsets[:-1], dummy.offsets[1:])):
-            head.weight.copy_(dummy.weight[0, c0:c1, :, None, None])
-            head.bias.copy_(dummy.bias[0, c0:c1])
-    loss_fns = [lambda s: task_loss(s, seg, "ce", ignore_index=-1),
-                lambda s: task_loss(s, depth, "l1", mask=valid, reduction="row_mean"),
-                lambda s: task_loss(s, normal, "l1", mask=valid, reduction="row_mean")]
-    _, dz = finite_difference_features_grad(z, heads, loss_fns, h=1e-3)
-    z.backward(lam * dz)
-    opt_step.optimizer.step()
-
-
 def step_function(method: str, dgr: str | None, device: str, args: argparse.Namespace, data: list):
     """One training step of ``method`` with the DGR variant ``dgr`` (None: without DGR), on its own model."""
     model, step = build(method, dgr, device, args.dgr_lambda, args.grad_mode, args.blocks)
-    if dgr == "fd":
-        dummy = DummyHeads(64, TASKS, seed=0, device=device)
-        return lambda: fd_step(model, step, data, args.dgr_lambda, dummy)
     targets = {"seg": data[1], "depth": data[2], "normal": data[3]}
     masks = {"depth": data[4], "normal": data[4]}
 
