@@ -52,6 +52,10 @@ class TrainSettings:
     grad_mode: str = "loop"
     meta_alpha: float | None = None  # None: the learning rate
     eval_batch_size: int = 256
+    heads: str = "linear"  # the model's heads: "linear" or "paper" (models.paper_head_factory)
+    dummy_heads: str = "same"  # "same": DGR's dummy heads copy the model's head architecture; "linear"
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine": CosineAnnealingLR over the epochs, stepped once per epoch
 
 
 def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) -> RunConfig:
@@ -110,19 +114,26 @@ def check_config(config: RunConfig, batch_size: int | None = None) -> None:
         raise SpecError(f"spec {config.spec!r}: sam combines with ew or a gradient aggregator, not {config.method}")
 
 
-def _dummy_heads(data: MTLDataset, settings: TrainSettings, device: torch.device) -> DummyHeads:
-    tasks = {t.name: DummyTask(t.loss, t.out_features, reduction=t.reduction, ignore_index=t.ignore_index)
-             for t in data.tasks}
-    return DummyHeads(FEATURES, tasks, resample=settings.dgr_resample, seed=settings.seed,
-                      backend=settings.dgr_backend, device=device)
+def _dummy_heads(data: MTLDataset, model: MTLModel, settings: TrainSettings, device: torch.device) -> DummyHeads:
+    """The paper's dummy heads have the model's head architecture ("same"); a model's linear heads give linear
+    dummy heads, which take the fused path. Module heads run in train mode, as the authors' dummy heads do (their
+    BatchNorm layers normalise with the batch's statistics)."""
+    factories = model.head_factories if settings.dummy_heads == "same" else [None] * len(data.tasks)
+    tasks = {t.name: DummyTask(t.loss, t.out_features, reduction=t.reduction, ignore_index=t.ignore_index, head=f)
+             for t, f in zip(data.tasks, factories)}
+    linear = all(f is None for f in factories)
+    return DummyHeads(FEATURES if linear else None, tasks, resample=settings.dgr_resample, seed=settings.seed,
+                      backend=settings.dgr_backend, device=device, head_mode="eval" if linear else "train")
 
 
 def _optimizer(name: str, shared: list[Tensor], heads: list[Tensor], extra: list[Tensor], lr: float,
-               num_tasks: int) -> torch.optim.Optimizer:
+               num_tasks: int, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adatask":
-        return AdaTask(shared, num_tasks=num_tasks, lr=lr, task_params=heads)
+        return AdaTask(shared, num_tasks=num_tasks, lr=lr, task_params=heads, weight_decay=weight_decay)
     params = shared + heads + extra
-    return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 class _Step:
@@ -137,8 +148,11 @@ class _Step:
         shared = list(model.encoder.parameters())
         heads = [list(h.parameters()) for h in model.heads]
         extra = list(self.method.parameters()) if isinstance(self.method, torch.nn.Module) else []
-        optimizer = _optimizer(config.optimizer, shared, [p for h in heads for p in h], extra, settings.lr, K)
-        self.dummy = _dummy_heads(data, settings, device) if config.dgr_lambda else None
+        optimizer = _optimizer(config.optimizer, shared, [p for h in heads for p in h], extra, settings.lr, K,
+                               settings.weight_decay)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs)
+                          if settings.schedule == "cosine" else None)
+        self.dummy = _dummy_heads(data, model, settings, device) if config.dgr_lambda else None
         weighting = self.method if isinstance(self.method, Weighting) else None
         aggregator = None if weighting is not None else self.method
         if config.meta:
@@ -181,6 +195,8 @@ class _Step:
             self.method.end_epoch()
         if self.dummy is not None:
             self.dummy.new_epoch()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 def _sync(device: torch.device) -> None:
@@ -255,20 +271,29 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
     if settings.batch_size % world:
         raise ValueError(f"batch size {settings.batch_size} is the global batch: it must be divisible by the "
                          f"{world} ranks")
+    # meta splits each batch into an inner and an outer half; the DeepLab head's image-pooling BatchNorm sees one
+    # value per channel and sample, which training mode refuses for a single sample
+    min_batch = 2 if config.meta or (settings.heads == "paper" and data.train.dense) else 1
+    if settings.batch_size // world < min_batch:
+        raise ValueError(f"batch size {settings.batch_size // world} per process: {config.spec} with "
+                         f"{settings.heads} heads needs >= {min_batch}")
     torch.manual_seed(settings.seed)
-    model = make_model(data.train).to(device)
+    model = make_model(data.train, heads=settings.heads).to(device)
+
     backends = {  # resolved first: a backend that cannot run here fails before any training
         "dgr_penalty": dgr_penalty_backend(device, torch.float32, settings.dgr_backend) if config.dgr_lambda else None,
         "adatask": adatask_backend(device) if config.optimizer == "adatask" else None,
     }
     step = _Step(config, model, data.train, settings, device)
+    if step.dummy is not None and "linear" not in step.dummy.kinds:  # no fused kernel reads module heads
+        backends["dgr_penalty"] = "torch (" + ", ".join(sorted(set(step.dummy.kinds))) + " heads)"
     names = [t.name for t in data.tasks]
     history, step_times = [], []
     for epoch in range(1, settings.epochs + 1):
         t_epoch = time.perf_counter()
         loss_sum = torch.zeros(len(names), dtype=torch.float64)
         batches = epoch_batches(len(data.train), settings.batch_size, epoch, settings.seed, world, rank)
-        if config.meta and len(batches[-1]) < 2:  # meta splits each batch into an inner and an outer half
+        if len(batches[-1]) < min_batch:
             batches = batches[:-1]
         bar = _progress(len(batches), f"{config.spec} epoch {epoch}/{settings.epochs}") if rank == 0 else None
         for idx in batches:
