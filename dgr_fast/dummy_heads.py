@@ -370,14 +370,23 @@ class DummyHeads(nn.Module):
         if self.head_mode == "eval":
             return contextlib.nullcontext()
 
+        # BatchNorm without running statistics: it normalises with the batch's and touches no buffer. Updating the
+        # statistics and restoring them on exit (frozen_batchnorm_stats) would bump the versions of tensors the
+        # penalty's graph saved, and its backward, which runs after the block, would refuse them.
+        norms = [m for m in self.modules_.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
         @contextlib.contextmanager
         def training():
-            with frozen_batchnorm_stats(self.modules_):
-                self.modules_.train()
-                try:
-                    yield
-                finally:
-                    self.modules_.eval()
+            tracked = [m.track_running_stats for m in norms]
+            self.modules_.train()
+            for m in norms:
+                m.track_running_stats = False
+            try:
+                yield
+            finally:
+                for m, flag in zip(norms, tracked):
+                    m.track_running_stats = flag
+                self.modules_.eval()
         return training()
 
     def _penalties(self, features, targets, masks) -> Tensor:

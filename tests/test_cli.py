@@ -69,7 +69,8 @@ def test_json_records_versions_settings_and_every_hyper_parameter(tmp_path):
     assert result["versions"]["dgr_fast"] and result["machine"]["torch_threads"] >= 1
     assert result["settings"] == {"epochs": 2, "batch_size": 16, "lr": 0.01, "device": "cpu", "seed": 3,
                                   "dgr_backend": None, "dgr_resample": "never", "grad_mode": "batched",
-                                  "meta_alpha": None, "eval_batch_size": 256}
+                                  "meta_alpha": None, "eval_batch_size": 256, "heads": "linear",
+                                  "dummy_heads": "same", "weight_decay": 0.0, "schedule": "constant"}
     (run,) = result["runs"]
     assert set(run) == {"spec", "config", "backends", "epochs", "final", "step_ms", "dgr_penalty_ms", "dgr_share",
                         "delta_m"}

@@ -62,8 +62,9 @@ DENSE_TASKS = {"seg": DummyTask("ce", 4, ignore_index=-1, head=conv_head(4), tra
                "normal": DummyTask("l1", 3, reduction="row_mean", head=conv_head(3), transform=unit_normals)}
 
 
-def reference_penalty(dummy, s, features, targets, masks, weights=None):
-    """module_penalty on set s's heads as plain modules, with the tasks' transforms and losses."""
+def reference_penalty(dummy, s, features, targets, masks, weights=None, train=False):
+    """module_penalty on set s's heads as plain modules, with the tasks' transforms and losses (``train``: the
+    copies in training mode, BatchNorm on batch statistics)."""
     names = dummy.task_names
     heads, fns = [], []
     for k, (name, task) in enumerate(zip(names, dummy.tasks)):
@@ -74,7 +75,7 @@ def reference_penalty(dummy, s, features, targets, masks, weights=None):
                 head.weight.copy_(dummy.weight[s, c0:c1].view_as(head.weight))
                 head.bias.copy_(dummy.bias[s, c0:c1])
         else:
-            head = thawed(dummy.modules_[f"set{s}_task{k}"])
+            head = thawed(dummy.modules_[f"set{s}_task{k}"]).train(train)
         heads.append(head)
 
         def fn(out, task=task, y=targets[name], m=masks.get(name)):
@@ -212,6 +213,21 @@ def test_head_mode_train_uses_batch_statistics_and_moves_no_running_statistic():
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
     trained.train()
     assert not any(m.training for m in trained.modules_.modules())  # the heads' mode is head_mode's alone
+
+
+def test_head_mode_train_is_exact_and_differentiable():
+    """Batch statistics in the penalty and in its gradient, and the gradient taken after the forward returned
+    (regression: restoring the running statistics in place broke that backward)."""
+    targets, masks = dense_problem(4)
+    dummy = DummyHeads(None, DENSE_TASKS, seed=9, dtype=torch.float64, head_mode="train")
+    z = torch.randn(2, D, 3, 4, dtype=torch.float64, requires_grad=True)
+    value = dummy(z, targets, masks=masks)
+    (grad,) = torch.autograd.grad(value, z)
+    zr = z.detach().requires_grad_(True)
+    want = reference_penalty(dummy, 0, [zr] * 3, targets, masks, train=True)
+    (want_grad,) = torch.autograd.grad(want, zr)
+    torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_module_heads_resample_reproducibly_and_round_trip_state():

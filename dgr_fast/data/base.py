@@ -30,7 +30,7 @@ class TaskSpec:
 
     ``loss`` is a ``DummyTask`` loss; ``out_features`` the head's width C (1 for a scalar regression).
     Targets: ``"ce"``: int64 class indices ``[N]`` / ``[N, H, W]``; otherwise float ``[N, C]`` / ``[N, C, H, W]``.
-    ``mask_zero``: dense regression pixels whose target is 0 in every channel do not count (the official NYUv2 code);
+    ``mask_zero``: dense regression pixels whose target channels sum to 0 do not count (the official NYUv2 code);
     the loss is then summed over channels and averaged over valid pixels (``reduction="row_mean"``).
     """
 

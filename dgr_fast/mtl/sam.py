@@ -19,7 +19,8 @@ from dgr_fast.mtl.scales import aggregator_scale, check_scale
 
 __all__ = ["TaskSAM", "frozen_batchnorm_stats"]
 
-ClosureResult = Sequence[Tensor] | Tensor | tuple[Sequence[Tensor] | Tensor, Tensor]
+Features = Tensor | Sequence[Tensor] | Mapping[str, Tensor]  # one tensor all heads read, or one per task
+ClosureResult = Sequence[Tensor] | Tensor | tuple[Sequence[Tensor] | Tensor, Features]
 
 
 def _loss_list(result: Sequence[Tensor] | Tensor, name: str) -> list[Tensor]:
@@ -58,7 +59,8 @@ class TaskSAM:
             (summed), CAGrad (c = 0.4, rescaled), IMTL-G and MGDA).
         rho: the neighbourhood radius (the authors: 2 with the adaptive form on NYUv2, Cityscapes and CelebA).
         adaptive: the adaptive (ASAM) form of the perturbation.
-        dummy_heads, dgr_lambda: DGR's dummy heads and weight (the closure must then return the features too).
+        dummy_heads, dgr_lambda: DGR's dummy heads and weight (the closure must then return the features too: one
+            tensor, or one per task for heads that read their own task's features, as ``DummyHeads`` takes them).
         aggregator_scale: ``"authors"`` (default), ``"sum"``, ``"none"`` or a number (``dgr_fast.mtl.scales``).
         process_group: under ``torch.distributed``, ``None`` (the default group) or a group: stage 1's per-task
             gradients are averaged before the perturbation (so every rank perturbs alike) and stage 2's after it,
@@ -125,12 +127,16 @@ class TaskSAM:
         return torch.where(norm > 0, e * (self.rho / norm.clamp(min=torch.finfo(grad.dtype).tiny)),
                            torch.zeros_like(e))
 
-    def _evaluate(self, closure: Callable[[], ClosureResult]) -> tuple[list[Tensor], Tensor | None]:
+    def _evaluate(self, closure: Callable[[], ClosureResult]) -> tuple[list[Tensor], Features | None]:
         result = closure()
         if self.dummy_heads is None:
             return _loss_list(result, "closure"), None
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
-            raise ValueError("with dummy_heads the closure must return (losses, features)")
+        features = result[1] if isinstance(result, tuple) and len(result) == 2 else None
+        per_task = isinstance(features, (list, tuple, Mapping)) and all(
+            isinstance(f, Tensor) for f in (features.values() if isinstance(features, Mapping) else features))
+        if not (isinstance(features, Tensor) or per_task):
+            raise ValueError("with dummy_heads the closure must return (losses, features), features a tensor or "
+                             "one per task (a sequence or a mapping by task name)")
         return _loss_list(result[0], "closure"), result[1]
 
     def step(

@@ -101,7 +101,7 @@ class MTLStep:
         self,
         losses: Sequence[Tensor] | Tensor,
         *,
-        features: Tensor | None = None,
+        features: Tensor | Sequence[Tensor] | Mapping[str, Tensor] | None = None,
         dgr_targets: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
         dgr_masks: Sequence[Tensor | None] | Mapping[str, Tensor] | None = None,
         dgr_task_weights: Sequence[float] | Tensor | None = None,
@@ -113,7 +113,9 @@ class MTLStep:
 
         Args:
             losses: the K task losses (scalars sharing one graph).
-            features: the shared features every head reads: needed for DGR and for ``grad_mode="batched"``.
+            features: the shared features every head reads: needed for DGR and for ``grad_mode="batched"``; for
+                heads that read their own task's features (MTAN), one per task (a sequence, or a mapping by task
+                name, as ``DummyHeads`` takes them), with ``grad_mode="loop"``.
             dgr_targets / dgr_masks: the dummy heads' targets and masks (as ``DummyHeads`` takes them).
             dgr_task_weights: weights of the task losses inside the penalty (default 1; the official UTKFace run
                 with DWA weights them).

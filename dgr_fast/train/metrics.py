@@ -17,8 +17,10 @@ from dgr_fast.data import TaskSpec
 
 
 def valid_mask(task: TaskSpec, y: Tensor) -> Tensor | None:
-    """Rows that count for a ``mask_zero`` task (target non-zero in some channel), else None (all count)."""
-    return (y != 0).any(dim=1) if task.mask_zero else None
+    """Rows that count for a ``mask_zero`` task, else None (all count): the target's channel sum is not 0, the DGR
+    authors' rule (their NYUv2 losses and metrics), which differs from "some channel non-zero" only on targets
+    whose channels cancel."""
+    return y.sum(dim=1) != 0 if task.mask_zero else None
 
 
 def task_loss(task: TaskSpec, out: Tensor, y: Tensor) -> Tensor:
