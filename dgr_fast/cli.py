@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs", help="folder for the JSON result and the plot (default runs/)")
     t.add_argument("--json", metavar="PATH", help="the JSON result (default OUT/DATASET.json)")
     t.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    t.add_argument("--dominance", action="store_true",
+                   help="track each task's share of the shared layers' updates (the AdaTask paper's rAU): a table, "
+                        "the JSON's runs[].dominance and OUT/DATASET_dominance.png")
 
     b = commands.add_parser("bench", help="run the benchmarks (needs the source checkout's benchmarks/ folder)")
     b.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"))
@@ -225,6 +228,31 @@ def _plot(runs: list[dict], tasks, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _dominance_png(json_path: Path) -> Path:
+    return json_path.with_name(f"{json_path.stem}_dominance.png")
+
+
+def _report_dominance(runs: list[dict], tasks, png: Path | None) -> None:
+    """Print every spec's rAU per shared layer and, with ``png``, draw them (``dgr_fast.mtl.dominance.plot``)."""
+    from dgr_fast.mtl.dominance import plot
+
+    names = [t.name for t in tasks]
+    print("\nTask dominance: each task's rAU per shared layer, its share of the layer's squared updates (decay "
+          f"{runs[0]['dominance']['decay']:g}): the mean over the layer's elements / from the layer's summed AU")
+    rows = [[run["spec"], layer] + [f"{m:.3f} / {s:.3f}" for m, s in zip(run["dominance"]["rau"]["mean"][layer],
+                                                                          run["dominance"]["rau"]["sum"][layer])]
+            for run in runs for layer in run["dominance"]["layers"]]
+    print(_table(["spec", "layer"] + names, rows))
+    if png is None:
+        return
+    try:
+        plot([(run["spec"], run["dominance"]["rau"]["mean"]) for run in runs], names, png)
+    except ImportError:
+        print("matplotlib is not installed: no dominance plot (pip install matplotlib)")
+        return
+    print(f"wrote {png}")
 
 
 def _device(text: str) -> torch.device:
@@ -316,10 +344,13 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     from dgr_fast.data import load_dataset
     from dgr_fast.train.metrics import delta_m
     from dgr_fast.train.probe import probe
-    from dgr_fast.train.trainer import TrainSettings, train
+    from dgr_fast.train.trainer import TrainSettings, check_dominance, train
 
     defaults = DATASET_DEFAULTS[args.dataset]
     configs = _specs(args, defaults)
+    if args.dominance:
+        for config in configs:  # all of them before any training
+            check_dominance(config)
     device_text, group = _start_distributed(args.device)
     device = _device(device_text)
     lead = group is None or group["rank"] == 0  # the process that prints and writes
@@ -330,6 +361,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         _check_writable(json_path, flag)
         if not args.no_plot:
             _check_writable(json_path.with_suffix(".png"), flag)
+            if args.dominance:
+                _check_writable(_dominance_png(json_path), flag)
     options = {k: getattr(args, k) for k in DATASET_OPTIONS if getattr(args, k) is not None}
     try:
         data = load_dataset(args.dataset, args.data_dir, seed=args.seed, train_size=args.train_size,
@@ -359,7 +392,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         say(f"{config.spec}: method {config.method}, optimizer {config.optimizer}"
             + (f", dgr lambda {config.dgr_lambda:g}" if config.dgr_lambda else "")
             + (f", sam rho {config.sam_rho:g}" if config.sam_rho else "") + (", meta" if config.meta else ""))
-        model, record = train(data, config, settings, log=say)
+        model, record = train(data, config, settings, log=say, dominance=args.dominance)
         if args.probe and lead:
             record["probe"] = probe(model, data.train, data.test, device, seed=settings.seed)
         runs.append(record)
@@ -409,6 +442,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         png = json_path.with_suffix(".png")
         note = _plot(runs, data.tasks, png)
         print(note or f"wrote {png}")
+    if args.dominance:
+        _report_dominance(runs, data.tasks, None if args.no_plot else _dominance_png(json_path))
     return result
 
 

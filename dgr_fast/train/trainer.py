@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from dgr_fast.data import MTLData, MTLDataset
 from dgr_fast.distributed import sync_for
 from dgr_fast.dummy_heads import DummyHeads, DummyTask
 from dgr_fast.mtl import METHODS, MetaMTL, MTLStep, Sum, TaskSAM, Weighting, make_method
+from dgr_fast.mtl.dominance import TaskDominance
 from dgr_fast.ops.dgr_penalty import dgr_penalty_backend
 from dgr_fast.optim.adatask import AdaTask, adatask_backend
 from dgr_fast.train.metrics import Metric, task_loss, valid_mask
@@ -114,6 +116,13 @@ def check_config(config: RunConfig, batch_size: int | None = None) -> None:
         raise SpecError(f"spec {config.spec!r}: sam combines with ew or a gradient aggregator, not {config.method}")
 
 
+def check_dominance(config: RunConfig) -> None:
+    """Refuse the specs whose task shares the dominance tracker cannot split (``dgr_fast.mtl.dominance``)."""
+    if config.sam_rho or config.meta:
+        raise SpecError(f"spec {config.spec!r}: the dominance tracker splits MTLStep's updates; sam and meta "
+                        "compute their per-task gradients inside their steps")
+
+
 def _dummy_heads(data: MTLDataset, model: MTLModel, settings: TrainSettings, device: torch.device) -> DummyHeads:
     """The paper's dummy heads have the model's head architecture ("same"); a model's linear heads give linear
     dummy heads, which take the fused path. Module heads run in train mode, as the authors' dummy heads do (their
@@ -140,7 +149,7 @@ class _Step:
     """Runs one training step of a config on a batch; hides which of MTLStep / TaskSAM / MetaMTL does it."""
 
     def __init__(self, config: RunConfig, model: MTLModel, data: MTLDataset, settings: TrainSettings,
-                 device: torch.device) -> None:
+                 device: torch.device, dominance: bool = False) -> None:
         self.tasks, self.model = data.tasks, model
         K = len(self.tasks)
         method = make_method(config.method, K)
@@ -165,6 +174,8 @@ class _Step:
             self.runner = MTLStep(shared, [p for h in heads for p in h], optimizer, weighting=weighting,
                                   aggregator=aggregator, dummy_heads=self.dummy, dgr_lambda=config.dgr_lambda,
                                   grad_mode=settings.grad_mode)
+        self.tracker = (TaskDominance(model.encoder.named_parameters(prefix="encoder"), optimizer, K)
+                        if dominance else None)
 
     def _criterion(self, outputs: tuple[Tensor, list[Tensor]], ys: list[Tensor]) -> list[Tensor]:
         return [task_loss(t, out, y) for t, out, y in zip(self.tasks, outputs[1], ys)]
@@ -188,7 +199,8 @@ class _Step:
             return self.runner.step(closure, **dgr)["losses"]
         z, outs = self.model(x)
         features = z if (self.dummy is not None or self.runner.grad_mode == "batched") else None
-        return self.runner.step(self._criterion((z, outs), ys), features=features, **dgr)["losses"]
+        run = self.runner.step if self.tracker is None else functools.partial(self.tracker.step, self.runner)
+        return run(self._criterion((z, outs), ys), features=features, **dgr)["losses"]
 
     def end_epoch(self) -> None:
         if isinstance(self.method, Weighting):
@@ -253,20 +265,26 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: int, ra
 
 
 def train(data: MTLData, config: RunConfig, settings: TrainSettings,
-          log: Callable[[str], None] = print) -> tuple[MTLModel, dict[str, Any]]:
+          log: Callable[[str], None] = print, dominance: bool = False) -> tuple[MTLModel, dict[str, Any]]:
     """Train ``config`` on ``data.train``, evaluating on ``data.test`` after every epoch.
 
     Returns the model and a JSON-ready record: the config, the backends used, per-epoch train losses and test
     metrics, the median step time (forward + the method's backward and optimizer step, no data loading), and with
-    DGR the median time of the penalty alone and its share of the step.
+    DGR the median time of the penalty alone and its share of the step. With ``dominance``, ``"dominance"`` holds
+    each task's rAU per shared layer of the encoder (``TaskDominance.summary``; MTLStep's specs only).
 
     Under ``torch.distributed`` (``torchrun``), every rank trains on its share of each global batch of
     ``settings.batch_size`` (``epoch_batches``) and the library's steps keep the ranks equal; rank 0 alone
     evaluates and logs (the other ranks' records hold no metrics), the train losses are averaged over the ranks.
     """
     check_config(config, settings.batch_size)
+    if dominance:
+        check_dominance(config)
     device = torch.device(settings.device)
     sync = sync_for(None)
+    if dominance and sync is not None:
+        raise ValueError("the dominance tracker runs in one process: its per-task gradients and random draws are "
+                         "this process's")
     world, rank = (1, 0) if sync is None else (sync.world_size, sync.rank)
     if settings.batch_size % world:
         raise ValueError(f"batch size {settings.batch_size} is the global batch: it must be divisible by the "
@@ -279,12 +297,11 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
                          f"{settings.heads} heads needs >= {min_batch}")
     torch.manual_seed(settings.seed)
     model = make_model(data.train, heads=settings.heads).to(device)
-
     backends = {  # resolved first: a backend that cannot run here fails before any training
         "dgr_penalty": dgr_penalty_backend(device, torch.float32, settings.dgr_backend) if config.dgr_lambda else None,
         "adatask": adatask_backend(device) if config.optimizer == "adatask" else None,
     }
-    step = _Step(config, model, data.train, settings, device)
+    step = _Step(config, model, data.train, settings, device, dominance=dominance)
     if step.dummy is not None and "linear" not in step.dummy.kinds:  # no fused kernel reads module heads
         backends["dgr_penalty"] = "torch (" + ", ".join(sorted(set(step.dummy.kinds))) + " heads)"
     names = [t.name for t in data.tasks]
@@ -331,4 +348,6 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
         x, ys = data.train.batch(torch.arange(min(settings.batch_size // world, len(data.train))))
         record["dgr_penalty_ms"] = _penalty_ms(step, x.to(device), [y.to(device) for y in ys], device)
         record["dgr_share"] = record["dgr_penalty_ms"] / record["step_ms"]
+    if step.tracker is not None:
+        record["dominance"] = step.tracker.summary()
     return model, record
