@@ -1,7 +1,7 @@
 """Benchmark the DGR penalty, forward + backward, per backend, against the floor.
 
     python benchmarks/bench_dgr.py [--device cpu|cuda] [--quick] [--providers reference,torch,cpp] [--shapes utkface]
-                                   [--out DIR]
+                                   [--module-heads mlp,deeplab] [--out DIR]
 
 Prints a table and writes ``dgr_<device>.csv`` (and ``dgr_<device>.png`` when matplotlib is installed) to ``--out``
 (default ``benchmarks/out``). Each row: median time of ``dgr_penalty(...).backward()``, the extra peak memory over
@@ -11,6 +11,12 @@ same run) and ``floor / time`` (the achieved fraction of it).
 Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4). ``alloc_ms``
 is the time to allocate a features-sized tensor and write it once, the price of returning dz that every backend pays
 (on a CPU mostly page faults where the block is freshly mapped: glibc maps every block of 32 MiB and more afresh).
+
+``--module-heads`` times the paper's non-linear dummy heads instead (``dgr_heads_<device>.csv``), penalty and its
+gradient w.r.t. the features through ``DummyHeads``: ``mlp``, Linear(2048,64)-ReLU-Linear(64,C)-ReLU heads on
+UTKFace's three tasks, the closed form (``ops/dgr_mlp_penalty.py``) against the generic double backward
+(``reference.module_penalty``) and the authors' finite-difference estimate; ``deeplab``, DeepLab heads on 64-channel
+features, outputs upsampled 8x (normals L2-normalised), the exact double backward against the estimate.
 
 CPU peak memory is the rise of the resident set, which follows live memory only when freed blocks go back to the
 system, and times should see the allocator as a training loop does: ``run`` measures all memory first, then all times,
@@ -32,7 +38,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
-from dgr_fast import dgr_penalty  # noqa: E402
+from dgr_fast import DummyHeads, DummyTask, dgr_penalty  # noqa: E402
+from dgr_fast.reference import module_penalty, task_loss  # noqa: E402
+from dgr_fast.train.models import DeepLabHead, UnitNormal, mlp_head  # noqa: E402
 from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
 
 
@@ -224,6 +232,83 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _upsampled():
+    return lambda s, target: torch.nn.functional.interpolate(s, size=target.shape[-2:], mode="bilinear",
+                                                             align_corners=True)
+
+
+def module_head_cases(device: str, quick: bool, which: list[str]) -> list[tuple[str, dict, dict]]:
+    """(name, DummyHeads tasks, inputs) per shape: the features and each task's targets/masks."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    if "mlp" in which:
+        tasks = {f"t{k}": DummyTask("ce", c, head=lambda c=c: mlp_head(2048, c)) for k, (_, c) in enumerate(UTKFACE)}
+        for n in (64,) if quick else (64, 256):
+            ys = {name: torch.randint(0, t.out_features, (n,), generator=g).to(device) for name, t in tasks.items()}
+            cases.append((f"mlp heads N={n} D=2048 H=64", tasks,
+                          dict(features=torch.randn(n, 2048, generator=g).to(device), targets=ys, masks={})))
+    if "deeplab" in which:
+        n, h, w = (1, 6, 8) if quick else (2, 24, 32)
+        up = _upsampled()
+        tasks = {"seg": DummyTask("ce", 13, ignore_index=-1, head=lambda: DeepLabHead(64, 13), transform=up),
+                 "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(64, 1), transform=up),
+                 "normal": DummyTask("l1", 3, reduction="row_mean", transform=up,
+                                     head=lambda: torch.nn.Sequential(DeepLabHead(64, 3), UnitNormal()))}
+        H, W = 8 * h, 8 * w
+        depth = torch.rand(n, 1, H, W, generator=g)
+        normal = torch.nn.functional.normalize(torch.randn(n, 3, H, W, generator=g), dim=1)
+        targets = {"seg": torch.randint(-1, 13, (n, H, W), generator=g), "depth": depth, "normal": normal}
+        masks = {"depth": depth.sum(1) != 0, "normal": normal.sum(1) != 0}
+        cases.append((f"deeplab heads {n}x64x{h}x{w} -> {H}x{W}", tasks,
+                      dict(features=torch.randn(n, 64, h, w, generator=g).to(device),
+                           targets={k: v.to(device) for k, v in targets.items()},
+                           masks={k: v.to(device) for k, v in masks.items()})))
+    return cases
+
+
+def module_head_step(tasks: dict, inputs: dict, provider: str, device: str):
+    """Penalty + its gradient w.r.t. the features: ``closed``/``exact`` (DummyHeads' default estimator, which takes
+    the closed form for MLP heads), ``generic`` (module_penalty's double backward on the same heads), ``fd``."""
+    estimator = "finite_difference" if provider == "fd" else "exact"
+    dummy = DummyHeads(None, tasks, seed=0, estimator=estimator, device=device)
+    if provider == "generic":
+        heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))]
+        fns = [lambda s, y=inputs["targets"][name], t=t: task_loss(s, y, t.loss) for name, t in tasks.items()]
+
+    def step():
+        z = inputs["features"].detach().requires_grad_(True)
+        if provider == "generic":
+            penalty = module_penalty(z, heads, fns)
+        else:
+            penalty = dummy(z, inputs["targets"], masks=inputs["masks"])
+        torch.autograd.grad(penalty, z)
+    return step
+
+
+def run_module_heads(args: argparse.Namespace) -> list[dict]:
+    """A row per (shape, provider) of the module-head penalty, with its ratio to the estimate and to the generic
+    double backward measured in the same run."""
+    torch.set_num_threads(args.threads) if args.device == "cpu" else None
+    rows = []
+    for name, tasks, inputs in module_head_cases(args.device, args.quick, args.module_heads):
+        providers = ["closed", "generic", "fd"] if name.startswith("mlp") else ["exact", "fd"]
+        times = {p: median_time(module_head_step(tasks, inputs, p, args.device), args.device, args.min_time,
+                                args.max_reps) for p in providers}
+        for p, t in times.items():
+            rows.append(dict(shape=name, provider=p, ms=t * 1e3, fd_over_this=times["fd"] / t,
+                             generic_over_this=times["generic"] / t if "generic" in times else float("nan")))
+    return rows
+
+
+def report_module_heads(rows: list[dict], out: str, device: str) -> None:
+    cols = ["shape", "provider", "ms", "fd_over_this", "generic_over_this"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    write_csv(os.path.join(out, f"dgr_heads_{device}.csv"), rows, cols)
+
+
 def report(rows: list[dict], out: str, device: str) -> None:
     """Print the table; write ``dgr_<device>.csv`` and a plot of floor / time to ``out``."""
     cols = ["shape", "provider", "ms", "floor_ms", "of_floor", "alloc_ms", "speedup_vs_reference", "speedup_vs_torch", "peak_extra_mb", "z_mb"]
@@ -247,7 +332,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-reference-elements", type=float, default=1e8, help="skip the reference above this many feature elements")
     p.add_argument("--shapes", default=None, metavar="NAMES",
                    help="comma-separated parts of shape names: only the shapes whose name contains one (e.g. utkface,C=16)")
+    p.add_argument("--module-heads", default=None, metavar="KINDS",
+                   help="comma-separated from mlp,deeplab: time the paper's non-linear dummy heads instead")
     args = p.parse_args(argv)
+    if args.module_heads is not None:
+        args.module_heads = args.module_heads.split(",")
+        if not set(args.module_heads) <= {"mlp", "deeplab"}:
+            p.error(f"--module-heads takes mlp,deeplab, got {','.join(args.module_heads)}")
+        if args.quick:
+            args.min_time, args.max_reps = 0.2, 5
+        report_module_heads(run_module_heads(args), args.out, args.device)
+        return
     args.shapes = [s for s in shapes(args.device, args.quick)
                    if args.shapes is None or any(part in s.name for part in args.shapes.split(","))]
     if not args.shapes:
