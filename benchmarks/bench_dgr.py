@@ -266,42 +266,63 @@ def module_head_cases(device: str, quick: bool, which: list[str]) -> list[tuple[
     return cases
 
 
-def module_head_step(tasks: dict, inputs: dict, provider: str, device: str):
-    """Penalty + its gradient w.r.t. the features: ``closed``/``exact`` (DummyHeads' default estimator, which takes
-    the closed form for MLP heads), ``generic`` (module_penalty's double backward on the same heads), ``fd``."""
+def _dummy(tasks: dict, provider: str, device: str, fd_step: float, in_features: int) -> DummyHeads:
+    if provider == "linear":  # the same tasks with linear dummy heads: the penalty's scale the paper's lambda meets
+        linear = {k: DummyTask(t.loss, t.out_features, reduction=t.reduction, ignore_index=t.ignore_index)
+                  for k, t in tasks.items()}
+        return DummyHeads(in_features, linear, seed=0, device=device)
     estimator = "finite_difference" if provider == "fd" else "exact"
-    dummy = DummyHeads(None, tasks, seed=0, estimator=estimator, device=device)
-    if provider == "generic":
-        heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))]
-        fns = [lambda s, y=inputs["targets"][name], t=t: task_loss(s, y, t.loss) for name, t in tasks.items()]
+    return DummyHeads(None, tasks, seed=0, estimator=estimator, fd_step=fd_step, device=device)
 
-    def step():
+
+def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_step: float = 1e-3):
+    """Penalty + its gradient w.r.t. the features: ``closed``/``exact`` (DummyHeads' default estimator, which takes
+    the closed form for MLP heads), ``generic`` (module_penalty's double backward on the same heads), ``fd`` (the
+    authors' estimate), ``linear`` (linear dummy heads on the same features). Returns the step and a function giving
+    ``(penalty, gradient)``."""
+    dummy = _dummy(tasks, provider, device, fd_step, inputs["features"].shape[1])
+    heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))] if provider == "generic" else []
+    fns = [lambda s, y=inputs["targets"][name], t=t: task_loss(s, y, t.loss) for name, t in tasks.items()]
+
+    def penalty_and_grad():
         z = inputs["features"].detach().requires_grad_(True)
         if provider == "generic":
             penalty = module_penalty(z, heads, fns)
         else:
-            penalty = dummy(z, inputs["targets"], masks=inputs["masks"])
-        torch.autograd.grad(penalty, z)
-    return step
+            # linear heads have no transform: on dense tasks they read the features upsampled to the targets' size
+            read = z if provider != "linear" or z.dim() == 2 else _upsampled()(z, inputs["targets"]["seg"])
+            penalty = dummy(read, inputs["targets"], masks=inputs["masks"])
+        return penalty.detach(), torch.autograd.grad(penalty, z)[0]
+    return penalty_and_grad
 
 
 def run_module_heads(args: argparse.Namespace) -> list[dict]:
-    """A row per (shape, provider) of the module-head penalty, with its ratio to the estimate and to the generic
-    double backward measured in the same run."""
+    """A row per (shape, provider) of the module-head penalty: its time, with its ratio to the estimate and to the
+    generic double backward measured in the same run, its value (the scale lambda multiplies), and for the
+    estimate its error against the exact gradient."""
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
     rows = []
     for name, tasks, inputs in module_head_cases(args.device, args.quick, args.module_heads):
-        providers = ["closed", "generic", "fd"] if name.startswith("mlp") else ["exact", "fd"]
-        times = {p: median_time(module_head_step(tasks, inputs, p, args.device), args.device, args.min_time,
-                                args.max_reps) for p in providers}
+        providers = ["closed", "generic", "fd", "linear"] if name.startswith("mlp") else ["exact", "fd", "linear"]
+        steps = {p: module_head_step(tasks, inputs, p, args.device, args.fd_step) for p in providers}
+        times = {p: median_time(step, args.device, args.min_time, args.max_reps) for p, step in steps.items()}
+        results = {p: step() for p, step in steps.items()}
+        exact_grad = results[providers[0]][1].double()
         for p, t in times.items():
+            penalty, grad = results[p]
+            err = cosine = float("nan")
+            if p == "fd":
+                err = ((grad.double() - exact_grad).norm() / exact_grad.norm()).item()
+                cosine = torch.nn.functional.cosine_similarity(grad.double().flatten(), exact_grad.flatten(),
+                                                               dim=0).item()
             rows.append(dict(shape=name, provider=p, ms=t * 1e3, fd_over_this=times["fd"] / t,
-                             generic_over_this=times["generic"] / t if "generic" in times else float("nan")))
+                             generic_over_this=times["generic"] / t if "generic" in times else float("nan"),
+                             penalty=penalty.item(), grad_rel_err=err, grad_cosine=cosine))
     return rows
 
 
 def report_module_heads(rows: list[dict], out: str, device: str) -> None:
-    cols = ["shape", "provider", "ms", "fd_over_this", "generic_over_this"]
+    cols = ["shape", "provider", "ms", "fd_over_this", "generic_over_this", "penalty", "grad_rel_err", "grad_cosine"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -334,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated parts of shape names: only the shapes whose name contains one (e.g. utkface,C=16)")
     p.add_argument("--module-heads", default=None, metavar="KINDS",
                    help="comma-separated from mlp,deeplab: time the paper's non-linear dummy heads instead")
+    p.add_argument("--fd-step", type=float, default=1e-3, help="--module-heads: the estimate's h (the authors' 1e-3)")
     args = p.parse_args(argv)
     if args.module_heads is not None:
         args.module_heads = args.module_heads.split(",")

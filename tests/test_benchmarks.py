@@ -151,10 +151,14 @@ def test_runner_end_to_end(tmp_path, capfd):
 def test_dgr_module_heads_rows(tmp_path, capsys):
     script("dgr").main(["--device", "cpu", "--module-heads", "mlp,deeplab", "--quick", "--min-time", "0",
                         "--max-reps", "1", *THREADS, "--out", str(tmp_path)])
-    assert "| shape | provider | ms | fd_over_this | generic_over_this |" in capsys.readouterr().out
+    assert "| shape | provider | ms | fd_over_this | generic_over_this | penalty | grad_rel_err |" in capsys.readouterr().out
     with open(tmp_path / "dgr_heads_cpu.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["shape"].split()[0], r["provider"]) for r in rows} == {
-        ("mlp", "closed"), ("mlp", "generic"), ("mlp", "fd"), ("deeplab", "exact"), ("deeplab", "fd")}
-    assert all(float(r["ms"]) > 0 for r in rows)
-    assert all(float(r["fd_over_this"]) == 1.0 for r in rows if r["provider"] == "fd")
+        ("mlp", "closed"), ("mlp", "generic"), ("mlp", "fd"), ("mlp", "linear"), ("deeplab", "exact"),
+        ("deeplab", "fd"), ("deeplab", "linear")}
+    assert all(float(r["ms"]) > 0 and float(r["penalty"]) > 0 for r in rows)
+    fd = [r for r in rows if r["provider"] == "fd"]
+    assert all(float(r["fd_over_this"]) == 1.0 and float(r["grad_rel_err"]) >= 0 for r in fd)
+    closed, generic = (next(r for r in rows if r["provider"] == p) for p in ("closed", "generic"))
+    assert float(closed["penalty"]) == pytest.approx(float(generic["penalty"]), rel=1e-5)
