@@ -13,13 +13,16 @@ DGR overhead is the extra median step time over the same method without it; a me
 by step, so that the machine's drift slows them alike. On CPU, glibc keeps freed blocks of up to 32 MiB (as
 ``bench_dgr.py`` times): with its defaults, which variant's steps paid page faults for the encoder's large buffers
 depended on how the variants' allocations interleaved (40 ms a step, the overhead of DGR reading -8% to +12% for the
-same code). Prints a table and writes ``step_<device>.csv`` and
+same code). The ``dominance`` variant has no DGR and a ``TaskDominance`` tracker on the encoder (its overhead: for
+AdaTask it reads the per-task moments; with the other methods it also takes the per-task gradients again). Prints a
+table and writes ``step_<device>.csv`` and
 ``step_<device>.png`` (time per step, when matplotlib is installed) to ``--out`` (default ``benchmarks/out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -35,6 +38,7 @@ from dgr_fast import AdaTask, DummyHeads, DummyTask  # noqa: E402
 from dgr_fast.benchmarks import bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
 from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
 from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
+from dgr_fast.mtl.dominance import TaskDominance  # noqa: E402
 from dgr_fast.mtl.step import MTLStep  # noqa: E402
 
 TASKS = {"seg": DummyTask("ce", 13, ignore_index=-1), "depth": DummyTask("l1", 1, reduction="row_mean"),
@@ -94,7 +98,7 @@ def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str,
     torch.manual_seed(0)
     model = Model(blocks=blocks).to(device)
     shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
-    if dgr is None:
+    if dgr in (None, "dominance"):
         dummy = None
     elif dgr == "fd":  # the authors' estimate: the heads' own conv layers, perturbed along their gradient
         heads_fd = {k: DummyTask(t.loss, t.out_features, ignore_index=t.ignore_index, reduction=t.reduction,
@@ -116,14 +120,19 @@ def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str,
 
 
 def step_function(method: str, dgr: str | None, device: str, args: argparse.Namespace, data: list):
-    """One training step of ``method`` with the DGR variant ``dgr`` (None: without DGR), on its own model."""
+    """One training step of ``method`` with the DGR variant ``dgr`` (None: without DGR; ``"dominance"``: without
+    DGR, with the task-dominance tracker), on its own model."""
     model, step = build(method, dgr, device, args.dgr_lambda, args.grad_mode, args.blocks)
+    run = step.step
+    if dgr == "dominance":
+        tracker = TaskDominance(model.encoder.named_parameters(prefix="encoder"), step.optimizer, 3)
+        run, dgr = functools.partial(tracker.step, step), None
     targets = {"seg": data[1], "depth": data[2], "normal": data[3]}
     masks = {"depth": data[4], "normal": data[4]}
 
     def fn():
         z, losses = model(*data)
-        step.step(losses, features=z, dgr_targets=targets if dgr else None, dgr_masks=masks if dgr else None)
+        run(losses, features=z, dgr_targets=targets if dgr else None, dgr_masks=masks if dgr else None)
 
     return fn
 
@@ -172,9 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--blocks", type=int, default=0, help="extra Conv(64,64,3)-ReLU layers in the encoder (default 0)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=None,
                    help=f"comma-separated, from {','.join(list(METHODS) + ['adatask'])} (default: all)")
-    p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "fused", "torch", "reference", "fd"],
-                   help="DGR variants, first none: none,fused,torch,reference,fd (fused: cpp on CPU, cuda on GPU; "
-                        "fd only with ew)")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["none", "fused", "torch", "reference", "fd",
+                                                                          "dominance"],
+                   help="DGR variants, first none: none,fused,torch,reference,fd,dominance (fused: cpp on CPU, cuda "
+                        "on GPU; fd only with ew; dominance: no DGR, the task-dominance tracker on)")
     p.add_argument("--grad-mode", choices=("loop", "batched"), default="loop",
                    help="how aggregators and AdaTask take per-task gradients (dgr_fast.mtl.per_task_grads)")
     args = p.parse_args(argv)
