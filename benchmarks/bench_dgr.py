@@ -8,7 +8,7 @@ Prints a table and writes ``dgr_<device>.csv`` (and ``dgr_<device>.png`` when ma
 the inputs, the floor (max of bytes / measured copy bandwidth and flops / measured matmul rate, both measured in the
 same run) and ``floor / time`` (the achieved fraction of it).
 
-Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (DESIGN.md section 4). ``alloc_ms``
+Bytes: two reads of z and one write of dz. Flops: about 12 D sum(C_k) per row (docs/DESIGN.md section 4). ``alloc_ms``
 is the time to allocate a features-sized tensor and write it once, the price of returning dz that every backend pays
 (on a CPU mostly page faults where the block is freshly mapped: glibc maps every block of 32 MiB and more afresh).
 

@@ -23,7 +23,7 @@ import torch
 
 DEFAULT_COMPARE = "ew,ew+dgr,adatask,adatask+dgr"
 # Per data set: what a run uses unless told otherwise. lambda and the optimizer settings of nyuv2/utkface are the DGR
-# paper's (PAPERS.md); the epochs are cut to what a CPU finishes (the paper trains 300 / 100 epochs).
+# paper's; the epochs are cut to what a CPU finishes (the paper trains 300 / 100 epochs).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "multi-digits": {"epochs": 8, "batch_size": 64, "lr": 1e-3, "dgr": 0.1},
     "synthetic": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "dgr": 0.1},

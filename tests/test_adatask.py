@@ -36,7 +36,7 @@ def _need(backend: str, dtype: torch.dtype = torch.float32) -> torch.device:
     if backend == "cuda" and not torch.cuda.is_available():
         pytest.skip("cuda backend needs a CUDA device")
     if backend == "triton" and dtype == torch.bfloat16 and triton_interpreting():
-        pytest.skip("bf16 arithmetic is unreliable in the Triton interpreter (TOOLCHAIN.md); tested on GPU")
+        pytest.skip("bf16 arithmetic is unreliable in the Triton interpreter (docs/DESIGN.md section 3); tested on GPU")
     if backend in ("triton", "cuda") and dtype == torch.float64:
         pytest.skip(f"{backend} takes no float64")
     return _device_for(backend)

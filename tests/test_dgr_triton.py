@@ -286,7 +286,7 @@ def test_fp16_features_match_fp32_reference():
     compare_with_reference(problem, TOL[torch.float16], reference_dtype=torch.float32)
 
 
-@pytest.mark.skipif(not CUDA, reason="bf16 runs on a GPU only: the Triton interpreter's bf16 arithmetic is wrong (TOOLCHAIN.md)")
+@pytest.mark.skipif(not CUDA, reason="bf16 runs on a GPU only: the Triton interpreter's bf16 arithmetic is wrong (docs/DESIGN.md section 3)")
 @pytest.mark.parametrize("layout", ["rows", "dense"])
 def test_bf16_features_match_fp32_reference(layout):
     gen = torch.Generator().manual_seed(19)

@@ -1,4 +1,4 @@
-// The `cpp` backend of dgr_fast.dgr_penalty: the two passes of DESIGN.md section 4 on CPU tensors.
+// The `cpp` backend of dgr_fast.dgr_penalty: the two passes of docs/DESIGN.md section 4 on CPU tensors.
 //
 // Matches the `torch` backend of dgr_fast/ops/dgr_penalty.py, which reads the same problem packed into rows:
 //   dgr_penalty_fwd == `_torch_gradients`: (G_W, G_b) = sum over rows of (r z^T, r), and `task_penalties` of them;

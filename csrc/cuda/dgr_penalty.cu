@@ -1,7 +1,7 @@
 // CUDA kernels of the fused DGR penalty (the `cuda` backend); kernels and extern "C" launchers only, no torch
 // headers, so `nvcc -arch=sm_90a -cubin` checks this file anywhere in seconds. The binding is dgr_penalty_cuda.cpp.
 //
-// What it computes: exactly the `torch` backend of dgr_fast/ops/dgr_penalty.py (DESIGN.md section 4), in fp32
+// What it computes: exactly the `torch` backend of dgr_fast/ops/dgr_penalty.py (docs/DESIGN.md section 4), in fp32
 // whatever the features' dtype (fp32, fp16, bf16):
 //   dgr_penalty_cuda_fwd == `_torch_gradients` before its bias mask: G_W = sum_i r_i z_i^T [C, D], G_b = sum_i r_i [C]
 //   dgr_penalty_cuda_bwd == `_torch_features_grad`: dz_i = 2 Gt_W^T r_i + W^T hu_i, written as a contiguous [B, D, P]

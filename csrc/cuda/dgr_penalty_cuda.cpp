@@ -1,7 +1,7 @@
 // Binding of the `cuda` backend of the DGR penalty: torch.ops.dgr_fast_cuda.dgr_penalty_fwd / dgr_penalty_bwd
 // (called by dgr_fast/ops/dgr_penalty.py, `_kernels("cuda")`). The kernels are in dgr_penalty.cu, behind the
 // extern "C" launchers declared below; this file checks the tensors, allocates the outputs and the workspace with
-// ATen on the inputs' device, and launches on the current stream. Arguments as build/KERNEL_SPEC.md.
+// ATen on the inputs' device, and launches on the current stream. Arguments as the cpp backend (docs/DESIGN.md section 4).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

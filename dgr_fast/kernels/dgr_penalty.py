@@ -1,4 +1,4 @@
-"""Triton kernels of the fused DGR penalty (the ``triton`` backend; contract: build/KERNEL_SPEC.md).
+"""Triton kernels of the fused DGR penalty (the ``triton`` backend; the math: docs/DESIGN.md section 4).
 
 They compute what the ``torch`` backend's executable specification in ``dgr_fast/ops/dgr_penalty.py`` computes:
 

@@ -1,4 +1,4 @@
-"""Per-task gradients of shared parameters (DESIGN.md section 5), reused by AdaTask, the aggregators and task-SAM."""
+"""Per-task gradients of shared parameters (docs/DESIGN.md section 8), reused by AdaTask, the aggregators and task-SAM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdaTask: task-wise adaptive learning rates (Yang et al., AAAI 2023; DESIGN.md section 5).
+"""AdaTask: task-wise adaptive learning rates (Yang et al., AAAI 2023; docs/DESIGN.md section 7).
 
 The optimizer keeps, for every *shared* parameter θ and every task k, its own moments m_k and v_k (fp32 whatever θ's
 dtype; fp64 for fp64 θ) and one step counter, and updates

@@ -1,4 +1,4 @@
-"""AdaTask reference: the published rule written task by task, tensor by tensor (DESIGN.md section 5).
+"""AdaTask reference: the published rule written task by task, tensor by tensor (docs/DESIGN.md section 7).
 
 This is the ground truth every fused AdaTask backend is tested against, and the "per-task loop" (the style of the
 authors' code) that the benchmarks time. It favours being obviously right over being fast: no foreach ops, no fusion,

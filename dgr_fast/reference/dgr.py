@@ -3,7 +3,7 @@
 Shin, Do, Son, ECCV 2024 (arXiv 2409.16651). The penalty of task k is the squared norm of the gradient of its
 (weighted) loss w.r.t. its dummy head's parameters; the heads are fixed, the gradient goes to the features.
 
-- `task_loss` builds one task's loss exactly as the library defines it (DESIGN.md section 4).
+- `task_loss` builds one task's loss exactly as the library defines it (docs/DESIGN.md section 4).
 - `head_penalties` is the exact per-task penalty for any dummy heads (linear or `nn.Module`), by
   `torch.autograd.grad(..., create_graph=True)`: differentiable w.r.t. the features to any order.
 - `finite_difference_features_grad` is the estimate the authors' code uses for the encoder gradient.
