@@ -248,7 +248,10 @@ def _report_dominance(runs: list[dict], tasks, png: Path | None) -> None:
     if png is None:
         return
     try:
-        plot([(run["spec"], run["dominance"]["rau"]["mean"]) for run in runs], names, png)
+        # A spec that names no optimizer runs the default one: the title says which, as in "ew+adam vs adatask".
+        plot([(run["spec"] if run["config"]["optimizer"] in run["spec"].split("+")
+               else f"{run['spec']}+{run['config']['optimizer']}", run["dominance"]["rau"]["mean"]) for run in runs],
+             names, png)
     except ImportError:
         print("matplotlib is not installed: no dominance plot (pip install matplotlib)")
         return
