@@ -40,6 +40,18 @@ def set_grads(params, flat: torch.Tensor) -> None:
         p.grad = g.view_as(p).clone()
 
 
+def steps_alone(alone: list[list[torch.Tensor]], opts: list[torch.optim.Optimizer],
+                c: torch.Tensor) -> torch.Tensor:
+    """``[K, P]``: row k the step of ``opts[k]``, which steps its own copy ``alone[k]`` of the parameters on ``c[k]``."""
+    rows = []
+    for params, opt, part in zip(alone, opts, c):
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        set_grads(params, part)
+        opt.step()
+        rows.append(torch.cat([p.detach().reshape(-1) for p in params]) - before)
+    return torch.stack(rows)
+
+
 def ema_of_squares(updates: list[torch.Tensor]) -> torch.Tensor:
     """AU by its definition: AU <- beta AU + (1 - beta) u^2, from zero."""
     au = torch.zeros_like(updates[0])
@@ -73,7 +85,8 @@ def test_adam_shares_are_the_split_first_moment_over_adams_denominator(amsgrad):
     opt = torch.optim.Adam(params, lr=lr, betas=(b1, b2), eps=eps, amsgrad=amsgrad)
     tracker = TaskDominance(zip(NAMES, params), opt, K, beta=BETA)
     P = sum(p.numel() for p in params)
-    m, v, vmax = torch.zeros(K, P, dtype=torch.float64), torch.zeros(P, dtype=torch.float64), torch.zeros(P, dtype=torch.float64)
+    m = torch.zeros(K, P, dtype=torch.float64)
+    v, vmax = torch.zeros(P, dtype=torch.float64), torch.zeros(P, dtype=torch.float64)
     updates = []
     for t in range(1, 7):
         c = task_parts(t, scales=(1.0, 10.0, 0.1))
@@ -106,13 +119,7 @@ def test_sgd_shares_are_each_tasks_own_sgd_step(nesterov, dampening):
         set_grads(params, c.sum(0))
         opt.step()
         tracker.observe(c)
-        rows = []
-        for k in range(K):
-            before = torch.cat([p.detach().reshape(-1) for p in alone[k]])
-            set_grads(alone[k], c[k])
-            alone_opts[k].step()
-            rows.append(torch.cat([p.detach().reshape(-1) for p in alone[k]]) - before)
-        updates.append(torch.stack(rows))
+        updates.append(steps_alone(alone, alone_opts, c))
     check_levels(tracker, ema_of_squares(updates))
 
 
@@ -128,13 +135,7 @@ def test_adatask_shares_are_each_tasks_own_adam_step_and_its_own_au():
         c = task_parts(t, scales=(1.0, 100.0, 0.01))
         opt.step(task_grads=c)
         tracker.observe()
-        rows = []
-        for k in range(K):
-            before = torch.cat([p.detach().reshape(-1) for p in alone[k]])
-            set_grads(alone[k], c[k])
-            alone_opts[k].step()
-            rows.append(torch.cat([p.detach().reshape(-1) for p in alone[k]]) - before)
-        updates.append(torch.stack(rows))
+        updates.append(steps_alone(alone, alone_opts, c))
     check_levels(tracker, ema_of_squares(updates))
     own = opt.task_dominance()["per_parameter"]  # AdaTask's own AU, summed per tensor in its fused step
     for i, name in enumerate(NAMES):
