@@ -42,7 +42,7 @@ def set_grads(params, flat: torch.Tensor) -> None:
 
 def steps_alone(alone: list[list[torch.Tensor]], opts: list[torch.optim.Optimizer],
                 c: torch.Tensor) -> torch.Tensor:
-    """``[K, P]``: row k the step of ``opts[k]``, which steps its own copy ``alone[k]`` of the parameters on ``c[k]``."""
+    """``[K, P]``: row k the step ``opts[k]`` takes on its own copy ``alone[k]`` of the parameters given ``c[k]``."""
     rows = []
     for params, opt, part in zip(alone, opts, c):
         before = torch.cat([p.detach().reshape(-1) for p in params])

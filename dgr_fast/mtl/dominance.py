@@ -6,8 +6,9 @@ shared element e and task k, after every optimizer step t with task k's share ``
 
     AU_k(e) <- beta AU_k(e) + (1 - beta) u_k(e)^2,          rAU_k(e) = AU_k(e) / sum_j AU_j(e)
 
-``beta`` defaults to 0.99, the decay ``AdaTask(track_au=True)`` uses (its ``au_beta``); AU starts at zero and has no
-bias correction, which the ratio would cancel anyway. The shares, by optimizer, given task k's part ``c_k`` of the
+``beta`` defaults to 0.99, the decay ``AdaTask(track_au=True)`` uses (its ``au_beta``); the authors' published code
+has no AU measurement to take the paper's value from. AU starts at zero and has no bias correction, which the ratio
+would cancel anyway. The shares, by optimizer, given task k's part ``c_k`` of the
 shared gradient the optimizer stepped on (``sum_k c_k`` is ``.grad`` less what belongs to no task):
 
 - ``AdaTask`` (adam variant): ``u_k = lr mhat_k / (sqrt(vhat_k) + eps)``, task k's own term of the published rule,
@@ -17,8 +18,9 @@ shared gradient the optimizer stepped on (``sum_k c_k`` is ``.grad`` less what b
 - ``torch.optim.Adam`` / ``AdamW`` (one first moment of the summed gradient): the first moment is linear in the
   gradients, so it splits into per-task moments ``m_k = b1 m_k + (1 - b1) c_k`` that sum to Adam's own; each is
   divided by the *shared* denominator, Adam's ``sqrt(vhat) + eps`` (``max_exp_avg_sq`` with amsgrad):
-  ``u_k = lr mhat_k / (sqrt(vhat) + eps)``. The paper decomposes Adam this way; the shares then sum to Adam's update
-  less its weight decay.
+  ``u_k = lr mhat_k / (sqrt(vhat) + eps)``. This is the split the paper's argument rests on (one task's large
+  gradients fill the shared denominator and shrink the others' shares); the shares sum to Adam's update less its
+  weight decay.
 - ``torch.optim.SGD``: per-task momentum buffers ``b_k`` that follow torch's rule (``b_k = c_k`` on the first step,
   then ``mu b_k + (1 - dampening) c_k``), ``u_k = lr b_k`` (``lr (c_k + mu b_k)`` with nesterov); the paper has no
   SGD case, this is the exact split of a linear rule.
