@@ -62,6 +62,15 @@ def test_sum_refuses_an_overflowing_sum_but_not_an_update_whose_total_overflows(
     assert torch.equal(Mean()(G), G[0])
 
 
+@pytest.mark.parametrize("agg", [PCGrad(seeded()), GradDrop(generator=seeded()), GradDrop(0.5, seeded())],
+                         ids=["pcgrad", "graddrop", "graddrop-leak"])
+def test_a_float16_update_past_its_range_is_refused_not_inf(agg):
+    # float16 G is combined in float32: the cast of a finite update beyond 65504 back to float16 used to give inf
+    G = torch.full((2, 3), 0.75 * torch.finfo(torch.float16).max, dtype=torch.float16)
+    with pytest.raises(ValueError, match="G is finite but its .* overflows torch.float16"):
+        agg(G)
+
+
 # ---------------------------------------------------------------- PCGrad
 
 

@@ -102,6 +102,18 @@ def _raise_nonfinite(G: Tensor, what: str) -> NoReturn:
     raise ValueError(f"G is finite but its {what} overflows {G.dtype}; rescale the losses or use a wider dtype")
 
 
+def _in_dtype_of(out: Tensor, G: Tensor, what: str) -> Tensor:
+    """The update ``out`` (computed in ``_compute_dtype``) in ``G``'s dtype, refusing one that is not finite: an entry
+    of ``G`` that is, or a finite ``G`` whose update overflows (in the compute dtype, or in the cast to float16)."""
+    result = out.to(G.dtype)
+    # A non-finite entry makes the total non-finite: one reduction over P instead of an isfinite pass and an all().
+    # The total of a finite result can overflow, so a non-finite total is only a hint, confirmed element-wise.
+    total = result.sum(dtype=_compute_dtype(G.dtype))
+    if not bool(total.isfinite()) and not bool(torch.isfinite(result).all()):
+        _raise_nonfinite(G, what)
+    return result
+
+
 def _gram(Gc: Tensor, G: Tensor) -> Tensor:
     """``Gc Gc^T`` as a symmetric float64 CPU matrix; refuses non-finite rows (they make the diagonal non-finite)."""
     A = (Gc @ Gc.T).to("cpu", torch.float64)
@@ -272,7 +284,7 @@ class LinearAggregator(Aggregator):
     def _aggregate(self, G: Tensor, losses: Tensor | None) -> Tensor:
         Gc = G.to(_compute_dtype(G.dtype))
         w = self._weights(Gc, G, losses).to(device=G.device, dtype=Gc.dtype)
-        return (w @ Gc).to(G.dtype)
+        return _in_dtype_of(w @ Gc, G, "combination sum_k w_k g_k")
 
     @abstractmethod
     def _weights(self, Gc: Tensor, G: Tensor, losses: Tensor | None) -> Tensor:
@@ -302,13 +314,7 @@ class _Uniform(LinearAggregator):
 
     def _aggregate(self, G: Tensor, losses: Tensor | None) -> Tensor:
         reduce = G.mean if self._mean else G.sum
-        out = reduce(dim=0, dtype=_compute_dtype(G.dtype)).to(G.dtype)
-        # A non-finite entry of G makes its column of out non-finite, and that makes out's total non-finite: one
-        # reduction over P instead of an isfinite pass and an all(). The total of a finite out can overflow, so a
-        # non-finite total is only a hint, confirmed element-wise.
-        if not bool(out.sum(dtype=_compute_dtype(G.dtype)).isfinite()) and not bool(torch.isfinite(out).all()):
-            _raise_nonfinite(G, "sum over tasks")
-        return out
+        return _in_dtype_of(reduce(dim=0, dtype=_compute_dtype(G.dtype)), G, "sum over tasks")
 
 
 class Mean(_Uniform):
@@ -775,4 +781,4 @@ class GradDrop(Aggregator):
             out = self.leak * (pos + neg) + (1.0 - self.leak) * out
         if self.reduction == "mean":
             out = out / G.shape[0]
-        return out.to(G.dtype)
+        return _in_dtype_of(out, G, "sum over tasks of the kept sign")
