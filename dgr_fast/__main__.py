@@ -2,6 +2,6 @@
 
 import sys
 
-from dgr_fast.cli import main
+from dgr_fast.cli import main  # imports no torch: main's Ctrl-C handler covers that slow import
 
 sys.exit(main())

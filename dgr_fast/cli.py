@@ -17,9 +17,10 @@ import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+if TYPE_CHECKING:  # imported where used: main's Ctrl-C handler must be in place before the slow import
+    import torch
 
 DEFAULT_COMPARE = "ew,ew+dgr,adatask,adatask+dgr"
 # Per data set: what a run uses unless told otherwise. lambda and the optimizer settings of nyuv2/utkface are the DGR
@@ -260,6 +261,8 @@ def _report_dominance(runs: list[dict], tasks, png: Path | None) -> None:
 
 def _device(text: str) -> torch.device:
     """``--device`` as a device that torch can put a tensor on and copy it back from here."""
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError as err:
@@ -326,6 +329,7 @@ def _start_distributed(device_text: str) -> tuple[str, dict[str, Any] | None]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the default group (NCCL for CUDA, gloo otherwise) and give each
     process its own GPU (``cuda`` becomes ``cuda:LOCAL_RANK``). Returns the device text and what the JSON records
     of the group, or ``(device_text, None)`` for one process."""
+    import torch
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -344,6 +348,8 @@ def _start_distributed(device_text: str) -> tuple[str, dict[str, Any] | None]:
 
 
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from dgr_fast.data import load_dataset
     from dgr_fast.train.metrics import delta_m
     from dgr_fast.train.probe import probe
