@@ -317,11 +317,12 @@ class DummyHeads(nn.Module):
         Returns:
             0-dim, differentiable w.r.t. the features.
         """
-        if self.estimator == "finite_difference":
-            per_set = self._finite_difference(features, targets, masks, task_weights)
-            return apply_norm(per_set, self.norm).mean()
-        per_set_task = self._penalties(features, targets, masks)
-        return apply_norm(weighted_sum(per_set_task, task_weights), self.norm).mean()
+        with self._step_draw():
+            if self.estimator == "finite_difference":
+                per_set = self._finite_difference(features, targets, masks, task_weights)
+                return apply_norm(per_set, self.norm).mean()
+            per_set_task = self._penalties(features, targets, masks)
+            return apply_norm(weighted_sum(per_set_task, task_weights), self.norm).mean()
 
     def per_task(
         self,
@@ -338,11 +339,30 @@ class DummyHeads(nn.Module):
         if self.estimator != "exact":
             raise ValueError("per_task needs estimator='exact': the finite-difference estimate perturbs every head "
                              "at once and has no per-task split")
-        return self._penalties(features, targets, masks).mean(0)
+        with self._step_draw():
+            return self._penalties(features, targets, masks).mean(0)
+
+    @contextlib.contextmanager
+    def _step_draw(self) -> Iterator[None]:
+        """``resample="step"`` in training mode: redraw the heads before the forward, and undo the draw (heads and
+        generator) if the forward raises, so that a refused input changes nothing. The inputs are checked where the
+        heads are applied, after the draw, hence the copy of the heads this keeps for the step."""
+        if not (self.training and self.resample_mode == "step"):
+            yield
+            return
+        buffers = list(self.buffers())
+        saved = [b.clone() for b in buffers], self.generator.get_state(), self._drawn_in_sync
+        self.resample()
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved[0])
+            self.generator.set_state(saved[1])
+            self._drawn_in_sync = saved[2]
+            raise
 
     def _inputs(self, features, targets, masks):
-        if self.training and self.resample_mode == "step":
-            self.resample()
         sync = sync_for(self.process_group)
         self._sync_heads(sync)
         per_task_features = self._per_task(features, "features") if not isinstance(features, Tensor) \
@@ -505,11 +525,38 @@ class DummyHeads(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: torch copies what it can (buffers, the generator state)
+        before raising for a missing or unexpected key or a bad value, so on any failure the heads, the generator
+        and the buffers' identities are put back before the error propagates."""
+        if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+            raise TypeError("DummyHeads.load_state_dict: expected a mapping with str keys (a state_dict)")
+        owners = [(module, name, buf) for module in self.modules() for name, buf in module._buffers.items()
+                  if buf is not None]
+        saved = [buf.clone() for _, _, buf in owners], self.generator.get_state(), self._drawn_in_sync
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            with torch.no_grad():
+                for (module, name, buf), value in zip(owners, saved[0]):
+                    module._buffers[name] = buf  # assign=True may have swapped the object
+                    buf.copy_(value)
+            self.generator.set_state(saved[1])
+            self._drawn_in_sync = saved[2]
+            raise
+
     def get_extra_state(self) -> dict:
         return {"generator_state": self.generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator_state"])
+        value = state.get("generator_state") if isinstance(state, dict) else None
+        if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+            raise ValueError("DummyHeads checkpoint: _extra_state must be {'generator_state': a uint8 tensor from "
+                             f"torch.Generator.get_state()}}, got {state!r:.80}")
+        try:
+            self.generator.set_state(value)
+        except RuntimeError as err:
+            raise ValueError(f"DummyHeads checkpoint: the generator state does not load: {err}") from None
         self._drawn_in_sync = False  # loaded heads: rank 0's are broadcast before the next distributed forward
 
     def extra_repr(self) -> str:

@@ -66,6 +66,7 @@ def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) 
     ``sam`` take their weight from ``dgr_lambda``/``sam_rho`` unless written ``dgr=0.01``, ``sam=0.05``; a weight
     must be finite and > 0."""
     method, values = None, {"optimizer": optimizer, "dgr_lambda": 0.0, "sam_rho": 0.0, "meta": False}
+    named_optimizer: str | None = None
     for token in spec.strip().split("+"):
         name, eq, value = token.strip().partition("=")
         if eq and name not in ("dgr", "sam"):
@@ -75,7 +76,9 @@ def parse_spec(spec: str, *, optimizer: str, dgr_lambda: float, sam_rho: float) 
                 raise SpecError(f"spec {spec!r}: two methods ({method}, {name}); give one")
             method = name
         elif name in OPTIMIZERS:
-            values["optimizer"] = name
+            if named_optimizer is not None:
+                raise SpecError(f"spec {spec!r}: two optimizers ({named_optimizer}, {name}); give one")
+            named_optimizer = values["optimizer"] = name
         elif name in ("dgr", "sam"):
             try:
                 weight = float(value) if eq else (dgr_lambda if name == "dgr" else sam_rho)
