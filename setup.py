@@ -57,6 +57,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dgr_fast", "dgr_fast.*"]),
+    # py.typed: type checkers read the package's annotations (PEP 561); without it AdaTask is Any to them.
+    package_data={"dgr_fast": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
@@ -65,6 +67,8 @@ setup(
         # `dgr-fast train`: multi-digits and the frozen-feature probe (scikit-learn), the plot, the progress bar,
         # the UTKFace loader (pillow)
         "demo": ["scikit-learn", "matplotlib", "tqdm", "pillow"],
+        # AdaTask and MTLStep under Lightning's manual optimisation (tests/test_lightning.py holds the recipe)
+        "lightning": ["lightning>=2.0"],
     },
     entry_points={"console_scripts": ["dgr-fast = dgr_fast.cli:main"]},
     ext_modules=ext_modules,

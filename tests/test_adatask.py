@@ -594,8 +594,6 @@ def test_bad_input_raises_before_state_changes():
         with pytest.raises(exc, match=word):
             opt.step(task_grads=bad)
         _assert_unchanged(opt, allp, snap)
-    with pytest.raises(ValueError, match="no per-task gradients"):
-        opt.step()
     with pytest.raises(ValueError, match="grad_scale"):
         opt.step(task_grads=good, grad_scale=torch.ones(2))
     # A backend asked for by name that cannot take a bucket raises before any bucket moved.
@@ -730,8 +728,243 @@ def test_backward_feeds_step(mode):
         opt.backward(losses[:2])
     opt.step()
     opt.zero_grad()
-    with pytest.raises(ValueError, match="no per-task gradients"):
-        opt.step()
+    before = [p.detach().clone() for p in [*trunk.parameters(), *heads.parameters()]]
+    opt.step()  # no gradients anywhere: nothing steps, as in torch.optim
+    assert all(torch.equal(a, b) for a, b in zip(before, [*trunk.parameters(), *heads.parameters()]))
+
+
+def _mtl_model(seed=0, num_tasks=3):
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6))
+    heads = torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(num_tasks)])
+    return trunk, heads
+
+
+def _task_losses(trunk, heads, x):
+    z = trunk(x)
+    return [(h(z) - i).square().mean() for i, h in enumerate(heads)]
+
+
+def _params(trunk, heads):
+    return [*trunk.parameters(), *heads.parameters()]
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpp", "triton"))
+def test_compiled_step_has_no_graph_break_and_matches_eager(backend):
+    """torch.compile(opt.step, fullgraph=True) (which raises on a graph break) gives eager's parameters and AU: first
+    step (state created), later ones, and a GradScaler-style skip (found_inf = 1, read on the device)."""
+    device = _need(backend)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)).to(device)
+    runs = []
+    for compiled in (False, True):
+        trunk, heads = _mtl_model()
+        trunk, heads = trunk.to(device), heads.to(device)
+        opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend=backend, track_au=True,
+                      weight_decay=0.1)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for i in range(4):
+            opt.zero_grad()
+            opt.backward([loss * 8.0 for loss in _task_losses(trunk, heads, x * (i + 1))])
+            before = [p.detach().clone() for p in _params(trunk, heads)]
+            step(grad_scale=torch.full((1,), 8.0, device=device), found_inf=torch.full((1,), float(i == 2), device=device))
+            if i == 2:
+                assert all(torch.equal(a, b) for a, b in zip(before, _params(trunk, heads)))
+        runs.append([p.detach() for p in _params(trunk, heads)] + [opt.state[p]["au"] for p in trunk.parameters()])
+    for a, b in zip(*runs):
+        if backend == "torch":  # inductor fuses and reorders the foreach ops: rounding differs
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:  # the fused backends run the same kernel, as an opaque op
+            assert torch.equal(a, b)
+
+
+def test_backward_never_accumulates_silently():
+    """A second backward() refuses while gradients are held (unless accumulate=True, which adds them); step() uses
+    the per-task gradients up; backward() after a step refuses until zero_grad() clears the heads' .grad."""
+    trunk, heads = _mtl_model()
+    opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch")
+    x1, x2 = torch.randn(4, 5), torch.randn(6, 5)
+    opt.backward(_task_losses(trunk, heads, x1))
+    with pytest.raises(RuntimeError, match="accumulate=True"):
+        opt.backward(_task_losses(trunk, heads, x2))
+    opt.backward(_task_losses(trunk, heads, x2), accumulate=True)
+    want = [torch.stack(list(g)) for g in zip(*[
+        [torch.autograd.grad(l1 + l2, p, retain_graph=True)[0] for p in trunk.parameters()]
+        for l1, l2 in zip(_task_losses(trunk, heads, x1), _task_losses(trunk, heads, x2))])]  # fmt: skip
+    for got, w in zip(opt._resolve_task_grads(None), want):
+        torch.testing.assert_close(got, w)
+    head_want = torch.autograd.grad(sum(_task_losses(trunk, heads, x1)) + sum(_task_losses(trunk, heads, x2)),
+                                    list(heads.parameters()))  # fmt: skip
+    for p, w in zip(heads.parameters(), head_want):
+        torch.testing.assert_close(p.grad, w)
+    opt.step()
+    assert opt._resolve_task_grads(None) == [None] * 4  # used up: a second step() cannot reuse them
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.backward(_task_losses(trunk, heads, x1))
+    opt.zero_grad()
+    opt.backward(_task_losses(trunk, heads, x1))
+
+
+def test_backward_through_a_forwarding_wrapper_feeds_the_optimizers_step():
+    """A wrapper that forwards attribute reads and keeps its own writes (as Lightning's LightningOptimizer does):
+    wrapper.backward / zero_grad reach the optimizer that the wrapped step() runs."""
+
+    class Wrapper:
+        def __init__(self, optimizer):
+            self._optimizer = optimizer
+            self.__class__ = type("Wrapped" + type(optimizer).__name__, (Wrapper, type(optimizer)), {})
+
+        def step(self, closure=None):
+            return self._optimizer.step(closure)
+
+        def __getattr__(self, name):
+            return getattr(self._optimizer, name)
+
+    runs = []
+    for wrap in (False, True):
+        trunk, heads = _mtl_model()
+        inner = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch")
+        opt = Wrapper(inner) if wrap else inner
+        for i in range(3):
+            opt.zero_grad()
+            opt.backward(_task_losses(trunk, heads, torch.full((4, 5), 0.3 * i)))
+            opt.step()
+        runs.append([p.detach() for p in _params(trunk, heads)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("norm_type", (2.0, 1.0, float("inf")))
+@pytest.mark.parametrize("per_task", (False, True))
+def test_clip_grad_norm_against_hand_computation(per_task, norm_type):
+    trunk, heads = _mtl_model()
+    opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch")
+    opt.backward(_task_losses(trunk, heads, torch.randn(4, 5)))
+    shared = [g.clone() for g in opt._resolve_task_grads(None)]  # [3, *θ.shape] each
+    head = [p.grad.clone() for p in heads.parameters()]
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    if per_task:
+        want = torch.stack([torch.linalg.vector_norm(flat([g[k] for g in shared]), norm_type) for k in range(3)]
+                           + [torch.linalg.vector_norm(flat(head), norm_type)])  # fmt: skip
+        max_norm = float(want[1])  # task 1 at the limit: tasks 0 and 2 on either side of it
+    else:
+        want = torch.linalg.vector_norm(flat(shared + head), norm_type)
+        max_norm = 0.5 * float(want)
+    got = opt.clip_grad_norm_(max_norm, norm_type=norm_type, per_task=per_task)
+    torch.testing.assert_close(got, want)
+    scale = (max_norm / (want + 1e-6)).clamp(max=1.0)
+    for g, g0 in zip(opt._resolve_task_grads(None), shared):
+        torch.testing.assert_close(g, g0 * (scale[:3].view(3, *[1] * (g0.dim() - 1)) if per_task else scale))
+    for p, g0 in zip(heads.parameters(), head):
+        torch.testing.assert_close(p.grad, g0 * (scale[3] if per_task else scale))
+    if not per_task and norm_type == 2.0:  # the same as torch's on the same tensors
+        twins = [torch.nn.Parameter(torch.zeros_like(t)) for t in shared + head]
+        for t, x in zip(twins, shared + head):
+            t.grad = x.clone()
+        torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(twins, max_norm), want)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        heads[0].bias.grad.fill_(float("nan"))
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
+    with pytest.raises(ValueError, match="max_norm"):
+        opt.clip_grad_norm_(-1.0)
+
+
+def test_grad_scaler_unscale_then_clip():
+    """opt.unscale_(scaler) unscales the per-task gradients with the heads', so clipping sees the true norm and the
+    run equals an unscaled one; an inf there skips the step and lowers the scale, heads or not;
+    scaler.unscale_(opt), which cannot reach them, makes the step raise rather than step on scaled gradients."""
+    runs = []
+    for scaled in (False, True):
+        trunk, heads = _mtl_model()
+        opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        norms = []
+        for i in range(3):
+            opt.zero_grad()
+            opt.backward([scaler.scale(loss) for loss in _task_losses(trunk, heads, torch.full((4, 5), 0.4 * i - 0.3))])
+            opt.unscale_(scaler)
+            norms.append(opt.clip_grad_norm_(0.05))
+            scaler.step(opt)
+            scaler.update()
+        runs.append([p.detach() for p in _params(trunk, heads)] + norms)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(float(n) > 0.05 for n in runs[0][-3:])  # the clip did act
+
+    trunk, _ = _mtl_model(num_tasks=2)
+    opt = AdaTask(trunk.parameters(), 2, backend="torch")  # no task parameters: no .grad for GradScaler to check
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    z = trunk(torch.randn(4, 5))
+    opt.backward([scaler.scale(z[:, 0].mean()), scaler.scale(z[:, 1].mean() * float("inf"))])
+    before = [p.detach().clone() for p in trunk.parameters()]
+    opt.unscale_(scaler)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, trunk.parameters()))
+    assert scaler.get_scale() == 2.0**9
+
+    trunk, heads = _mtl_model()
+    opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch")
+    opt.backward([scaler.scale(loss) for loss in _task_losses(trunk, heads, torch.randn(4, 5))])
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"opt.unscale_\(scaler\)"):
+        scaler.step(opt)
+
+
+def test_repr_names_every_option():
+    trunk, heads = _mtl_model()
+    opt = AdaTask(trunk.parameters(), 3, lr=0.02, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.01, variant="rmsprop",
+                  task_params=heads.parameters(), backend="torch", track_au=True, au_beta=0.9, process_group="local")
+    text = repr(opt)
+    for part in ("num_tasks=3", "variant='rmsprop'", "backend='torch'", "track_au=True", "au_beta=0.9",
+                 "process_group='local'", "lr: 0.02", "betas: (0.8, 0.95)", "eps: 1e-07", "weight_decay: 0.01",
+                 "shared: True", "shared: False", "Parameter Group 1"):
+        assert part in text, (part, text)
+
+
+def test_state_dict_hooks_see_the_state():
+    """As in torch.optim: load pre-hooks see (and may replace) the incoming dict, post-hooks the loaded state;
+    state_dict hooks see the optimizer and the dict it returns."""
+    trunk, heads = _mtl_model()
+    opt = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch", track_au=True)
+    opt.backward(_task_losses(trunk, heads, torch.randn(4, 5)))
+    opt.step()
+    seen = {}
+    opt.register_state_dict_pre_hook(lambda o: seen.update(pre_save=len(o.state)))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.update(post_save=sorted(sd["state"][0])))
+    saved = opt.state_dict()
+    assert seen == {"pre_save": 10, "post_save": ["au", "exp_avg", "exp_avg_sq", "step"]}
+    other = AdaTask(trunk.parameters(), 3, task_params=heads.parameters(), backend="torch", track_au=True)
+
+    def pre(o, sd):
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0]["lr"] = 0.5
+        return sd
+
+    other.register_load_state_dict_pre_hook(pre)
+    other.register_load_state_dict_post_hook(lambda o: seen.update(
+        loaded={k: v.clone() for k, v in o.state[next(iter(trunk.parameters()))].items()}, lr=o.param_groups[0]["lr"]))
+    other.load_state_dict(saved)
+    assert seen["lr"] == 0.5
+    for k, v in opt.state[next(iter(trunk.parameters()))].items():
+        assert torch.equal(seen["loaded"][k], v)
+
+
+def test_typed_package_ships_py_typed(tmp_path):
+    """mypy types an installed dgr_fast only with dgr_fast/py.typed in it: setup.py's build copies it."""
+    env = {**os.environ, "DGR_FAST_NO_EXTENSIONS": "1"}
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "dgr_fast" / "py.typed").is_file()
+
+
+def test_kernel_module_does_not_import_the_optimizer():
+    """The Triton kernel takes the op's arguments, not the optimizer's StepArgs: no import cycle."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "dgr_fast", "kernels", "adatask.py")).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m and m.startswith("dgr_fast.optim")]
 
 
 # -------------------------------------------------------------------------------------------------------------- #

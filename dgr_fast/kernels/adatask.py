@@ -8,16 +8,13 @@ under ``TRITON_INTERPRET=1`` (for tests; bf16 arithmetic is unreliable there).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 1024
-
-if TYPE_CHECKING:
-    from dgr_fast.optim.adatask import StepArgs
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -103,12 +100,25 @@ def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.T
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def adatask_step_triton(a: StepArgs) -> None:
-    """One launch over every tensor of the bucket (shapes: ``StepArgs``). θ is fp32/fp16/bf16 and contiguous; the
-    moments are fp32."""
-    params, grads, exp_avgs, exp_avg_sqs, coef = a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.coef
-    lr, beta1, beta2, eps, weight_decay, variant = a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.variant
-    grad_scale, found_inf, au_sums = a.grad_scale, a.found_inf, a.au_sums
+def adatask_step_triton(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    coef: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    variant: int,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    au_sums: Optional[torch.Tensor],
+) -> None:
+    """One launch over every tensor of the bucket, in place. The arguments (shapes as ``StepArgs`` of
+    ``dgr_fast.optim.adatask`` documents them) and their order are the extension op ``adatask_step_``'s. θ is
+    fp32/fp16/bf16 and contiguous; the moments are fp32."""
     device = params[0].device
     dtype = params[0].dtype
     if dtype not in _TL_DTYPE:
@@ -152,3 +162,16 @@ def adatask_step_triton(a: StepArgs) -> None:
     )
     if au_sums is not None:
         au_sums.zero_().index_add_(0, blk_t.to(device=device, dtype=torch.int64), au_part)
+
+
+# What torch.compile sees: an opaque op that mutates its inputs in place (a traced kernel launch would read data
+# pointers, which Dynamo cannot trace). Eager steps call the function directly: torch.library's Python dispatch costs
+# more than the launch.
+adatask_step_triton_op = torch.library.custom_op(
+    "dgr_fast::adatask_step_triton_", adatask_step_triton, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "au_sums")
+)
+
+
+@adatask_step_triton_op.register_fake
+def _(*args: object) -> None:
+    return None  # in place: nothing to allocate

@@ -95,8 +95,23 @@ def _skip_on_host(a: StepArgs) -> bool:
 
 def _step_torch(a: StepArgs) -> None:
     """The portable backend: matches ``dgr_fast.reference.adatask.adatask_step_reference`` with foreach ops."""
-    if _skip_on_host(a):
+    if a.found_inf is None or not torch.compiler.is_compiling():
+        if not _skip_on_host(a):
+            _foreach_step(a)
         return
+    # Compiled, a host read of found_inf would break the graph: step, then put back what a skipped step leaves as it
+    # was (inductor fuses the select into the step's own loops).
+    skip = a.found_inf.reshape(()) != 0
+    written = [*a.params, *a.exp_avgs, *a.exp_avg_sqs]
+    kept = [t.clone() for t in written]
+    _foreach_step(a)
+    for t, old in zip(written, kept):
+        t.copy_(torch.where(skip, old, t))
+    if a.au_sums is not None:
+        a.au_sums.masked_fill_(skip, 0.0)
+
+
+def _foreach_step(a: StepArgs) -> None:
     num_tasks = a.grads[0].shape[0]
     math_dtype = a.exp_avg_sqs[0].dtype
     theta = [p.view(-1) if p.dtype == math_dtype else p.view(-1).to(math_dtype) for p in a.params]
@@ -143,8 +158,8 @@ def _step_torch(a: StepArgs) -> None:
             torch._foreach_add_(total, u)
     assert total is not None
     torch._foreach_add_(theta, total)
-    for p, t in zip(a.params, theta):
-        if t.data_ptr() != p.data_ptr():
+    if math_dtype != a.params[0].dtype:  # θ was stepped in a wider copy (the buckets share one dtype)
+        for p, t in zip(a.params, theta):
             p.view(-1).copy_(t)
 
 
@@ -169,21 +184,25 @@ def _step_reference(a: StepArgs) -> None:
         a.au_sums.copy_(torch.stack(shares))
 
 
+def _op_args(a: StepArgs) -> tuple[Any, ...]:
+    """``a`` in the order of the ``adatask_step_`` op schema, which the extensions' ops and the Triton op share."""
+    return (a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.coef, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay,
+            a.variant, a.grad_scale, a.found_inf, a.au_sums)  # fmt: skip
+
+
 def _extension_step(namespace: str) -> Callable[[StepArgs], None]:
-    """The ``cpp``/``cuda`` step: the extension's op ``torch.ops.<namespace>.adatask_step_`` (same schema in both)."""
+    """The ``cpp``/``cuda`` step: the extension's op ``torch.ops.<namespace>.adatask_step_``."""
     def step(a: StepArgs) -> None:
-        getattr(torch.ops, namespace).adatask_step_(
-            a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.coef, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay,
-            a.variant, a.grad_scale, a.found_inf, a.au_sums,
-        )  # fmt: skip
+        getattr(torch.ops, namespace).adatask_step_(*_op_args(a))
 
     return step
 
 
 def _step_triton(a: StepArgs) -> None:
-    from dgr_fast.kernels.adatask import adatask_step_triton
+    from dgr_fast.kernels import adatask as kernels
 
-    adatask_step_triton(a)
+    launch = kernels.adatask_step_triton_op if torch.compiler.is_compiling() else kernels.adatask_step_triton
+    launch(*_op_args(a))
 
 
 def adatask_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str | None = None) -> str:
@@ -311,6 +330,26 @@ def _as_groups(params: Any, name: str, shared: bool) -> list[dict[str, Any]]:
     return [{"params": items, "shared": shared}]
 
 
+class _TaskGrads:
+    """The per-task gradients of the shared parameters between :meth:`AdaTask.backward` and :meth:`AdaTask.step`.
+
+    One object for the optimizer's life, changed in place and never rebound: a wrapper that forwards attribute
+    reads to the optimizer (Lightning's ``LightningOptimizer``, whose own ``__dict__`` takes the writes) reaches the
+    same gradients, so ``wrapper.backward(...)`` feeds the step that Lightning runs on the optimizer itself.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.flat: torch.Tensor | None = None  # [K, P] over the shared parameters that require grad
+        self.views: dict[torch.Tensor, torch.Tensor] = {}
+        self.unscaled = False  # AdaTask.unscale_ has divided them by a GradScaler's scale
+        # step() has used the task parameters' .grad and zero_grad() has not run since: another backward() would
+        # add the next batch to them.
+        self.stepped = False
+
+
 class AdaTask(Optimizer):
     """Task-wise adaptive learning rates for multi-task learning (Yang et al., AAAI 2023).
 
@@ -347,7 +386,9 @@ class AdaTask(Optimizer):
     ``.grad``; a skip caused by them alone does not lower the scaler's scale. A ``grad_scale`` that is zero, negative,
     inf or NaN would turn every parameter into NaN: on the CPU the step refuses it (``ValueError``, read on the host
     at no cost); on a GPU reading it would cost a host sync, so there such a scale sets ``found_inf`` instead and the
-    step is skipped.
+    step is skipped. To clip or read the gradients first, call :meth:`unscale_` (not ``scaler.unscale_(opt)``, which
+    cannot reach the per-task gradients; a step after it raises) and then ``scaler.step(opt)``: an inf in the
+    per-task gradients then lowers the scale too.
 
     Without task parameters GradScaler finds no ``.grad`` in the param groups, and hands ``found_inf`` as the sum of
     no inf checks (the int 0): the step then relies on its own check of the per-task gradients. torch's
@@ -357,6 +398,15 @@ class AdaTask(Optimizer):
 
     A step that raises leaves the parameters and the whole state (counters, moments, AU) as they were: everything
     that could fail is checked before anything changes.
+
+    ``torch.compile(opt.step, fullgraph=True)`` traces the step without a graph break on the ``torch``, ``cpp``,
+    ``triton`` and ``cuda`` backends (the fused ones as opaque in-place ops); ``reference`` reads values on the host
+    and breaks the graph. Compiled, ``found_inf`` is read on the device on every backend, and a CPU ``grad_scale``
+    that is not positive and finite skips the step rather than raising.
+
+    Wrappers: methods called on an object that forwards attribute reads to this optimizer (Lightning's
+    ``LightningOptimizer``, which ``self.optimizers()`` returns) act on this optimizer's gradients, so
+    ``backward``/``clip_grad_norm_``/``zero_grad`` on the wrapper and its ``step()`` fit together.
     """
 
     _step_supports_amp_scaling = True
@@ -400,7 +450,7 @@ class AdaTask(Optimizer):
         if task_params is not None:
             groups += _as_groups(task_params, "task_params", shared=False)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shared=True)
-        self._pending: tuple[torch.Tensor, dict[torch.Tensor, torch.Tensor]] | None = None
+        self._task_grads = _TaskGrads()
         super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -429,7 +479,7 @@ class AdaTask(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` of every parameter and the per-task gradients :meth:`backward` accumulated."""
         super().zero_grad(set_to_none)
-        self._pending = None
+        self._task_grads.clear()
 
     def backward(
         self,
@@ -438,16 +488,24 @@ class AdaTask(Optimizer):
         mode: str = "loop",
         retain_graph: bool = False,
         chunk_size: int | None = None,
+        accumulate: bool = False,
     ) -> None:
-        """Compute per-task gradients of the shared parameters (kept for :meth:`step`) and the gradient of the sum
-        of ``losses`` w.r.t. ``task_params`` (accumulated into ``.grad``). Repeated calls accumulate, like
-        ``Tensor.backward``; :meth:`zero_grad` clears both.
+        """Compute per-task gradients of the shared parameters (kept for :meth:`step`, which uses them up) and the
+        gradient of the sum of ``losses`` w.r.t. ``task_params`` (added to ``.grad``); :meth:`zero_grad` clears both.
+
+        Gradients never add up across steps silently: with ``accumulate=False`` (the default) a call raises
+        ``RuntimeError`` while the per-task gradients of an earlier call are neither stepped nor cleared, or while
+        the task parameters' ``.grad`` still hold the gradients a step has used. ``accumulate=True`` adds to what is
+        there, as ``Tensor.backward`` does: micro-batches before one step (scale each loss by 1 / micro-batches for
+        the mean). Under ``torch.distributed`` every call averages over the ranks: the sum of the averages is the
+        average of the sums.
 
         Args:
             losses: ``num_tasks`` scalar losses (a sequence, or a ``[num_tasks]`` tensor).
             features, mode, retain_graph, chunk_size: as :func:`dgr_fast.mtl.per_task_grads`. ``mode="loop"`` takes
                 K backward passes through the whole graph, the task parameters included (the authors' code takes
                 K + 1); ``mode="batched"`` one batched pass through the encoder plus K small ones above ``features``.
+            accumulate: add to the gradients already there instead of refusing them.
         """
         from dgr_fast.mtl.grads import _check_losses, _per_task_grads
 
@@ -458,6 +516,18 @@ class AdaTask(Optimizer):
         heads = [p for g in self.param_groups if not g["shared"] for p in g["params"] if p.requires_grad]
         if not shared:
             raise ValueError("params: no shared parameter requires grad")
+        held = self._task_grads
+        if not accumulate:
+            if held.flat is not None:
+                raise RuntimeError("backward: the per-task gradients of an earlier backward() were neither used by "
+                                   "step() nor cleared by zero_grad(); call one of them first, or pass "
+                                   "accumulate=True to add to them (micro-batches)")
+            if held.stepped and any(p.grad is not None for p in heads):
+                raise RuntimeError("backward: the task parameters' .grad still hold the gradients the last step() "
+                                   "used; call zero_grad() first, or pass accumulate=True to add to them")
+        elif held.unscaled:
+            raise RuntimeError("backward: the per-task gradients held are unscaled (unscale_) and these would be "
+                               "scaled: step() first")
         flat, head_grads = _per_task_grads(loss_list, shared, features, mode, retain_graph, chunk_size, heads,
                                            sync_for(self.process_group))
         for p, g in zip(heads, head_grads):
@@ -465,25 +535,103 @@ class AdaTask(Optimizer):
                 p.grad = g.to(p.dtype, copy=True)  # a view of the per-task buffer, which .grad must not keep alive
             else:
                 p.grad.add_(g)
-        if self._pending is not None:
-            self._pending[0].add_(flat)
+        if held.flat is not None and held.views.keys() == set(shared):
+            held.flat.add_(flat)
             return
-        views: dict[torch.Tensor, torch.Tensor] = {}
+        if held.flat is not None:
+            raise RuntimeError("backward: accumulate=True, but the shared parameters that require grad changed since "
+                               "the gradients held were computed")
         offset = 0
         for p in shared:
-            views[p] = flat[:, offset : offset + p.numel()].view(self.num_tasks, *p.shape)
+            held.views[p] = flat[:, offset : offset + p.numel()].view(self.num_tasks, *p.shape)
             offset += p.numel()
-        self._pending = (flat, views)
+        held.flat = flat
+
+    def _task_param_grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups if not g["shared"] for p in g["params"] if p.grad is not None]
+
+    def unscale_(self, scaler: torch.amp.GradScaler) -> None:
+        """``scaler.unscale_(self)`` for the per-task gradients too (GradScaler sees only ``.grad``): call it
+        instead, before :meth:`clip_grad_norm_` or reading the gradients, then ``scaler.step(opt)`` as usual.
+
+        An inf/NaN in the per-task gradients is recorded where ``scaler.update()`` finds it, so it lowers the scale
+        and a model with no task parameters needs no other optimizer's inf checks.
+        """
+        scaler.unscale_(self)
+        held = self._task_grads
+        if not scaler.is_enabled() or held.flat is None:
+            return
+        # GradScaler keeps its scale and its per-optimizer inf records private; this is what its unscale_ does to a
+        # .grad: the inverse in fp64 rounded to fp32, and an inf check that writes into the device's record.
+        inv_scale = scaler._scale.double().reciprocal().float().to(held.flat.device)
+        found = scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        flag = found.setdefault(held.flat.device, torch.zeros((), dtype=torch.float32, device=held.flat.device))
+        torch._amp_foreach_non_finite_check_and_unscale_([held.flat], flag, inv_scale)
+        held.unscaled = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        per_task: bool = False,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """Clip the gradients :meth:`step` will use, as ``torch.nn.utils.clip_grad_norm_`` does: the per-task
+        gradients of the shared parameters that :meth:`backward` holds and the task parameters' ``.grad``.
+
+        ``per_task=False``: one norm over all of them (every task's gradient of every shared parameter and every
+        task parameter's gradient), each multiplied by ``min(1, max_norm / (norm + 1e-6))``; returns that norm
+        (0-dim). ``per_task=True``: task k's gradients of the shared parameters are clipped by their own norm; the
+        task parameters' ``.grad`` (the gradient of the sum of the losses, which is no one task's) by theirs;
+        returns ``[num_tasks + 1]``: the tasks' norms, then the task parameters' (0 without any).
+
+        Call it after the last :meth:`backward` (under ``torch.distributed`` those gradients are already the ranks'
+        average, so every rank clips alike) and, with a GradScaler, after :meth:`unscale_`. Gradients handed to
+        ``step(task_grads=...)`` are not held here: clip them yourself (and, under ``torch.distributed``, average
+        them first: step averages them after any clipping).
+        """
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0.0:
+            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0.0:
+            raise ValueError(f"norm_type must be a number > 0 (or inf), got {norm_type!r}")
+        flat = self._task_grads.flat
+        heads = self._task_param_grads()
+        device = flat.device if flat is not None else heads[0].device if heads else self.shared_params()[0].device
+
+        def norm_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if not tensors:
+                return torch.zeros((), dtype=torch.float32, device=device)
+            norms = [torch.linalg.vector_norm(t, norm_type).to(device) for t in tensors]
+            return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+        if per_task:
+            task_norms = (torch.linalg.vector_norm(flat, norm_type, dim=1) if flat is not None
+                          else torch.zeros(self.num_tasks, dtype=torch.float32, device=device))  # fmt: skip
+            norms = torch.cat([task_norms.to(device), norm_of(heads).reshape(1)])
+        else:
+            norms = norm_of(([flat] if flat is not None else []) + heads)
+        if error_if_nonfinite and not bool(torch.isfinite(norms).all()):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so they cannot "
+                               "be clipped; error_if_nonfinite=False to go on")
+        coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+        if per_task:
+            if flat is not None:
+                flat.mul_(coef[: self.num_tasks, None].to(flat.device))
+            for g in heads:
+                g.mul_(coef[-1].to(g.device))
+        else:
+            for g in ([flat] if flat is not None else []) + heads:
+                g.mul_(coef.to(g.device))
+        return norms
 
     # ---------------------------------------------------------------------------------------------------------- #
     def _resolve_task_grads(self, task_grads: Any) -> list[torch.Tensor | None]:
         shared = self.shared_params()
         K = self.num_tasks
         if task_grads is None:
-            if self._pending is None:
-                raise ValueError("task_grads: no per-task gradients; pass task_grads=... or call opt.backward(losses)")
-            views = self._pending[1]
-            return [views.get(p) for p in shared]
+            # No backward() since the last step: shared parameters without gradients skip, as torch.optim's do.
+            return [self._task_grads.views.get(p) for p in shared]
         if isinstance(task_grads, torch.Tensor):
             if task_grads.layout != torch.strided:
                 raise TypeError(f"task_grads must be dense (AdaTask takes no sparse gradients), not {task_grads.layout}")
@@ -541,7 +689,8 @@ class AdaTask(Optimizer):
 
         Args:
             closure: re-evaluates the model; it should call :meth:`backward`. Its result is returned.
-            task_grads: see the class docstring; ``None`` uses what :meth:`backward` accumulated.
+            task_grads: see the class docstring; ``None`` uses up what :meth:`backward` computed (without it the
+                shared parameters are skipped, as torch.optim skips parameters whose ``.grad`` is None).
             grad_scale: the AMP loss scale (gradients are divided by it inside the step), 1-element fp32, > 0 and
                 finite: a CPU one that is not raises ``ValueError``, one on another device skips the step (no sync).
             found_inf: non-zero skips the whole step, without a host sync on the fused backends.
@@ -563,10 +712,19 @@ class AdaTask(Optimizer):
                 found_inf = None
         self._check_amp_tensor("grad_scale", grad_scale)
         self._check_amp_tensor("found_inf", found_inf)
-        if grad_scale is not None and grad_scale.device.type == "cpu":
+        # Compiled, the host read would break the graph: a bad scale then skips the step, as on a GPU.
+        if grad_scale is not None and grad_scale.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(grad_scale.reshape(()))
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"grad_scale must be positive and finite, got {value}")
+        held = self._task_grads
+        if task_grads is None and held.flat is not None:
+            if held.unscaled and grad_scale is not None:
+                raise ValueError("grad_scale: the per-task gradients are unscaled already (unscale_)")
+            # GradScaler.step after scaler.unscale_(opt) hands no scale: it unscaled the .grad it can see, not these.
+            if not held.unscaled and grad_scale is None and "found_inf" in vars(self):
+                raise RuntimeError("scaler.unscale_(opt) unscaled the task parameters' .grad only; call "
+                                   "opt.unscale_(scaler) instead, which unscales the per-task gradients too")
         grads = self._resolve_task_grads(task_grads)  # checked before any collective: ranks must agree on shapes
         sync = sync_for(self.process_group)
         if sync is not None and task_grads is not None:
@@ -620,6 +778,9 @@ class AdaTask(Optimizer):
             found_inf = self._fold_nonfinite(grads, found_inf, grad_scale)
         for group, ps, gs, device, dtype, backend in work:
             self._bucket_step(group, ps, gs, device, dtype, backend, grad_scale, found_inf)
+        if task_grads is None:
+            held.clear()
+        held.stepped = True
         return loss
 
     def _fold_nonfinite(
@@ -831,6 +992,13 @@ class AdaTask(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def __repr__(self) -> str:
+        # torch's repr lists each group's hyper-parameters; the optimizer-wide options go on its first line.
+        options = (f"num_tasks={self.num_tasks}, variant={self.variant!r}, backend={self.backend!r}, "
+                   f"track_au={self.track_au}, au_beta={self.au_beta}, process_group={self.process_group!r}")
+        groups = super().__repr__().partition("\n")[2]
+        return f"{type(self).__name__} ({options}\n{groups}"
+
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults, state and param_groups; the task count and variant go along.
         extra = {k: self.__dict__[k] for k in ("num_tasks", "variant", "backend", "track_au", "au_beta",
@@ -839,7 +1007,12 @@ class AdaTask(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._pending = None  # per-task gradients belong to one backward pass, not to a saved optimizer
+        # Per-task gradients belong to a backward pass, not to a saved optimizer. Cleared in place when the object
+        # exists (load_state_dict comes here): a wrapper may hold it.
+        if "_task_grads" in self.__dict__:
+            self._task_grads.clear()
+        else:
+            self._task_grads = _TaskGrads()
         self.__dict__.setdefault("process_group", None)  # pickled before the option existed
 
 
