@@ -91,8 +91,8 @@ def test_recipe_equals_the_plain_loop(use_mtl_step):
             opt.backward(losses)
             opt.clip_grad_norm_(1.0)
             opt.step()
-    for a, b in zip([*module.trunk.parameters(), *module.heads.parameters()], [*trunk.parameters(), *heads.parameters()]):
-        assert torch.equal(a, b)
+    trained = [*module.trunk.parameters(), *module.heads.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(trained, [*trunk.parameters(), *heads.parameters()]))
 
 
 class _Forgets(_Recipe):

@@ -732,7 +732,7 @@ class AdaTask(Optimizer):
             # in a copy (one [K, P] buffer stays one buffer), the caller's tensors left as they are.
             task_grads = task_grads.clone() if isinstance(task_grads, torch.Tensor) else [
                 None if g is None else g.clone() if isinstance(g, torch.Tensor) else g for g in task_grads]
-            head_grads = [p.grad for g in self.param_groups if not g["shared"] for p in g["params"] if p.grad is not None]
+            head_grads = self._task_param_grads()
             shared_grads = [task_grads] if isinstance(task_grads, torch.Tensor) else [
                 g for g in task_grads if isinstance(g, torch.Tensor)]
             sync.all_reduce_mean_(shared_grads + head_grads)
