@@ -219,3 +219,30 @@ def test_adatask_and_dummy_heads_must_agree_on_the_tasks():
     z, losses = forward(encoder, heads, x, targets)
     with pytest.raises(ValueError, match="3 task losses but dummy_heads has 2"):
         step.step(losses, features=z, dgr_targets=targets[:2])
+
+
+def test_adatask_backward_accumulates_micro_batches():
+    """MTLStep.backward adds to the per-task gradients of earlier micro-batches (AdaTask refuses that unless asked)."""
+    torch.manual_seed(5)
+    encoder, heads = nn.Linear(5, 4).double(), nn.ModuleList(nn.Linear(4, 1) for _ in range(2)).double()
+    x, ys = torch.randn(6, 5, dtype=torch.float64), torch.randn(2, 6, 1, dtype=torch.float64)
+
+    def losses(rows):
+        z = encoder(x[rows])
+        return [F.mse_loss(h(z), y[rows]) for h, y in zip(heads, ys)]
+
+    params = list(heads.parameters())
+    results = []
+    for batches in ([slice(0, 6)], [slice(0, 3), slice(3, 6)]):
+        start = [p.detach().clone() for p in [*encoder.parameters(), *params]]
+        step = MTLStep(list(encoder.parameters()), params, AdaTask(list(encoder.parameters()), 2, lr=0.1,
+                                                                  task_params=params))
+        for rows in batches:
+            step.backward([loss / len(batches) for loss in losses(rows)])
+        step.step()
+        results.append([p.detach().clone() for p in encoder.parameters()])
+        with torch.no_grad():
+            for p, e in zip([*encoder.parameters(), *params], start):
+                p.copy_(e)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-14)

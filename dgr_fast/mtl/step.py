@@ -185,7 +185,9 @@ class MTLStep:
                 per_task = per_task * torch.as_tensor(task_weights, dtype=per_task.dtype, device=per_task.device) ** 2
             task_losses = task_losses + self.dgr_lambda * per_task
             penalty = per_task.sum()
-        self.optimizer.backward(task_losses, features=features, mode=self.grad_mode, chunk_size=self.chunk_size)
+        # accumulate: backward() adds to the gradients of earlier micro-batches, as documented
+        self.optimizer.backward(task_losses, features=features, mode=self.grad_mode, chunk_size=self.chunk_size,
+                                accumulate=True)
         return penalty
 
     def _synced_backward(self, total: Tensor, sync: Sync) -> None:

@@ -233,8 +233,8 @@ def _check_hyper(where: str, lr: Any, betas: Any, eps: Any, weight_decay: Any) -
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__}")
-        if not value >= 0.0:  # also refuses NaN
-            raise ValueError(f"{where}{name} must be >= 0, got {value}")
+        if not 0.0 <= value < math.inf:  # also refuses NaN
+            raise ValueError(f"{where}{name} must be finite and >= 0, got {value}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{where}betas must be a pair of numbers, got {betas!r}")
     for i, b in enumerate(betas):
