@@ -1,4 +1,4 @@
-"""Backends and how an op picks one (DESIGN.md section 3).
+"""Backends and how an op picks one (docs/DESIGN.md, backends and dispatch).
 
 Backends, fastest first: ``cuda`` (C++/CUDA extension), ``triton``, ``cpp`` (C++ CPU extension), ``torch`` (closed
 form in plain PyTorch ops), ``reference`` (autograd, the ground truth).
@@ -8,6 +8,9 @@ form in plain PyTorch ops), ``reference`` (autograd, the ground truth).
   extension fails to import falls back to the next one, with one warning that names the cause.
 - A backend asked for by name (argument or environment) that cannot run raises ``RuntimeError`` saying why;
   it never silently falls back.
+- Under ``torch.compile`` the choice is made while tracing, with no graph break: ``backend_status`` (which imports the
+  extensions) and an op's probe run as constants (``torch.compiler.assume_constant_result``), the environment
+  variable is read in traced code (dynamo guards on it: changing it recompiles), and the rest is plain Python.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# A constant of the process for torch.compile: importing an extension (importlib) cannot be traced.
+@torch.compiler.assume_constant_result
 def backend_status(name: str) -> BackendStatus:
     """Availability of one backend in this process, independent of any op or input."""
     if name == "cuda":
