@@ -1,6 +1,7 @@
 """The task-dominance tracker: AU against a direct recomputation from per-task updates (SGD, Adam, AdaTask), the
-per-task split of every method's step, AdaTask's balance against equal weighting's, and ``dgr-fast train
---dominance``."""
+per-task split of every method's step (TaskSAM's against its stage-2 gradients written out by hand; MTLStep's from
+its own per-task gradients, bit for bit as taking them again, with no backward pass of the tracker's), AdaTask's
+balance against equal weighting's, and ``dgr-fast train --dominance``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import copy
 import pytest
 import torch
 from test_cli import TINY, run_cli
+from test_sam import closure_for, hand_grads
 from torch import nn
 
+from dgr_fast import DummyHeads, DummyTask
 from dgr_fast.cli import main
-from dgr_fast.mtl import CAGrad, MGDA, MTLStep, PCGrad, GradDrop, make_method
-from dgr_fast.mtl.dominance import TaskDominance, aggregator_parts, layer_of
+from dgr_fast.mtl import CAGrad, MGDA, MTLStep, PCGrad, GradDrop, Sum, TaskSAM, make_method
+from dgr_fast.mtl.dominance import TaskDominance, _same_draws, aggregator_parts, layer_of
+from dgr_fast.mtl.grads import per_task_grads
 from dgr_fast.mtl.weightings import RLW, UncertaintyWeighting
 from dgr_fast.optim.adatask import AdaTask
 
@@ -170,6 +174,11 @@ class Net(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(9, 13), nn.Tanh(), nn.Linear(13, 6), nn.Tanh()).to(dtype)
         self.heads = nn.ModuleList([nn.Linear(6, 1).to(dtype) for _ in range(K)])
 
+    def forward(self, x):
+        """``(features, [K outputs [N, 1]])``, as TaskSAM's hand-written step in test_sam takes a model."""
+        z = self.encoder(x)
+        return z, [h(z) for h in self.heads]
+
     def losses(self, x, y, scales=(1.0, 1.0, 1.0)):
         z = self.encoder(x)
         return [s * ((h(z)[:, 0] - y[:, k]) ** 2).mean() for k, (h, s) in enumerate(zip(self.heads, scales))], z
@@ -231,6 +240,95 @@ def test_aggregator_parts_sum_to_the_aggregate(aggregator):
     torch.testing.assert_close(parts.sum(0), aggregator(G), rtol=1e-12, atol=1e-14)
 
 
+def recomputing_step(tracker: TaskDominance, step: MTLStep, losses: list[torch.Tensor]) -> None:
+    """The split the tracker made before MTLStep handed out its gradients: the per-task gradients taken again."""
+    grads = per_task_grads(losses, step.shared_params, retain_graph=True)
+    values = torch.stack([loss.detach() for loss in losses])
+    parts = _same_draws(step.aggregator, grads.device, lambda: aggregator_parts(step.aggregator, grads, values))
+    step.step(losses)
+    tracker.observe(parts * {CAGrad: float(K)}.get(type(step.aggregator), 1.0))  # the DGR code's scales
+
+
+@pytest.mark.parametrize("aggregator", [lambda: PCGrad(torch.Generator().manual_seed(4)), CAGrad,
+                                        lambda: GradDrop(leak=0.2)], ids=["pcgrad", "cagrad", "graddrop"])
+def test_mtlsteps_own_gradients_give_the_au_of_taking_them_again_bit_for_bit(aggregator):
+    au = []
+    for hook in (True, False):
+        net = Net()
+        shared, heads = list(net.encoder.parameters()), list(net.heads.parameters())
+        opt = torch.optim.Adam(shared + heads, lr=1e-2)
+        step = MTLStep(shared, heads, opt, aggregator=aggregator())
+        tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K)
+        torch.manual_seed(7)  # GradDrop draws from the global generator
+        for t in range(4):
+            x, y = batch(t)
+            losses = net.losses(x, y, scales=(1.0, -1.0, 0.5))[0]
+            tracker.step(step, losses) if hook else recomputing_step(tracker, step, losses)
+        au.append(tracker.au())
+    for name in au[0]:
+        assert torch.equal(au[0][name], au[1][name]), name
+
+
+@pytest.mark.parametrize("method, passes", [("pcgrad", 1), ("cagrad", 1), ("ew", 2)])
+def test_aggregators_are_tracked_with_no_backward_pass_of_their_own(method, passes):
+    """Each loss's backward passes, counted by a hook on it: one per step for an aggregator, as MTLStep alone;
+    a weighting computes no per-task gradients, so the tracker takes them (one more pass per loss)."""
+    net = Net()
+    shared, heads = list(net.encoder.parameters()), list(net.heads.parameters())
+    opt = torch.optim.SGD(shared + heads, lr=1e-2, momentum=0.9)
+    m = make_method(method, K)
+    step = MTLStep(shared, heads, opt, **({"weighting": m} if method == "ew" else {"aggregator": m}))
+    tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K)
+    seen = []
+    step.observer = own = lambda grads, values: seen.append(grads.shape)  # a user's observer is kept
+    for t in range(3):
+        losses = net.losses(*batch(t))[0]
+        counts = [0] * K
+        for k, loss in enumerate(losses):
+            loss.register_hook(lambda g, k=k: counts.__setitem__(k, counts[k] + 1))
+        tracker.step(step, losses)
+        assert counts == [passes] * K
+    assert step.observer is own and tracker.steps == 3
+    assert seen == ([] if method == "ew" else [(K, sum(p.numel() for p in shared))] * 3)
+
+
+@pytest.mark.parametrize("aggregator, scale, dgr", [
+    (Sum, 1.0, False), (Sum, 1.0, True), (lambda: CAGrad(0.4), 1.0, False), (lambda: MGDA("l2"), float(K), False),
+    (lambda: PCGrad(torch.Generator().manual_seed(3)), 1.0, False)], ids=["sum", "sum+dgr", "cagrad", "mgda", "pcgrad"])
+def test_task_sam_shares_are_each_tasks_part_of_its_stage_2_gradients(aggregator, scale, dgr):
+    """SGD without momentum: task k's share is ``lr c_k``, ``c_k = s (a_k g_k + a'_k h_k)`` from the stage-1 and
+    stage-2 gradients written out by hand (``h = g^SAM - g``; ``Sum``: ``c_k = g_k^SAM``), the MTL-SAM code's scale
+    ``s`` (MGDA: K); DGR's penalty gradient is in ``.grad`` and in no share."""
+    net = Net()
+    shared, heads = list(net.encoder.parameters()), [list(h.parameters()) for h in net.heads]
+    lr, rho = 0.05, 0.3
+    opt = torch.optim.SGD(shared + [p for h in heads for p in h], lr=lr)
+    dummy = DummyHeads(6, [DummyTask("mse", 1)] * K, seed=0, dtype=torch.float64) if dgr else None
+    sam = TaskSAM(net, shared, heads, opt, aggregator=aggregator(), rho=rho, dummy_heads=dummy,
+                  dgr_lambda=0.5 if dgr else 0.0)
+    tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K, beta=BETA)
+    twin = aggregator()  # draws as the step's aggregator does, a copy of its generator's stream
+    updates = []
+    for t in range(4):
+        x, y = batch(t)
+        ys = [y[:, k : k + 1] for k in range(K)]
+        targets = [torch.randn(17, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(t))] * K
+        G, S, _ = hand_grads(net, x, ys, rho, adaptive=True)
+        c = scale * sum(a.weights(M)[:, None] * M for a, M in ((twin, G), (twin, S - G)))
+        if isinstance(twin, Sum):
+            torch.testing.assert_close(c, S, rtol=1e-12, atol=1e-14)
+        z = net.encoder(x)
+        penalty = torch.cat([g.reshape(-1) for g in torch.autograd.grad(0.5 * dummy(z, targets), shared)]) if dgr else 0
+        tracker.step(sam, closure_for(net, x, ys, with_features=dgr), **({"dgr_targets": targets} if dgr else {}))
+        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), c.sum(0) + penalty,
+                                   rtol=1e-10, atol=1e-12)
+        updates.append(lr * c)
+    au = ema_of_squares(updates)
+    sizes = [p.numel() for p in shared]
+    for (name, p), a in zip(net.encoder.named_parameters(prefix="encoder"), au.split(sizes, dim=1)):
+        torch.testing.assert_close(tracker.au()[name], a.view(K, *p.shape), rtol=1e-9, atol=1e-18)
+
+
 def imbalance(tracker: TaskDominance, reduction: str) -> float:
     """The largest distance of a task's layer share from 1/K, over layers and tasks."""
     return max(float((r - 1.0 / K).abs().max()) for r in tracker.rau("layer", reduction).values())
@@ -272,7 +370,7 @@ def test_refusals():
 
 
 def test_cli_dominance_shares_sum_to_one_per_layer_and_draw_one_panel_per_spec(tmp_path, capsys):
-    specs = "ew,pcgrad+dgr,adatask,uw+sgd"
+    specs = "ew,pcgrad+dgr,adatask,uw+sgd,pcgrad+sam+dgr"
     result = run_cli(tmp_path, "--dataset", "synthetic", *TINY, "--compare", specs, "--dominance")
     out = capsys.readouterr().out
     assert "Task dominance" in out and (tmp_path / "result_dominance.png").stat().st_size > 0
@@ -287,8 +385,8 @@ def test_cli_dominance_shares_sum_to_one_per_layer_and_draw_one_panel_per_spec(t
                 assert sum(shares) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_cli_dominance_refuses_sam_before_training(tmp_path, capsys):
-    assert main(["train", "--dataset", "synthetic", *TINY, "--compare", "ew,ew+sam", "--dominance",
+def test_cli_dominance_refuses_meta_before_training(tmp_path, capsys):
+    assert main(["train", "--dataset", "synthetic", *TINY, "--compare", "ew+sam,meta", "--dominance",
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "dominance tracker" in err and err.count("\n") == 1

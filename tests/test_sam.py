@@ -49,8 +49,10 @@ def sam_of(model, aggregator, rho, adaptive, **kwargs):
     return TaskSAM(model, shared, heads, opt, aggregator=aggregator, rho=rho, adaptive=adaptive, **kwargs)
 
 
-def hand_step(model, x, ys, aggregator_factory, rho, adaptive):
-    """Task-based SAM written out with torch.func on a copy of the model."""
+def hand_grads(model, x, ys, rho, adaptive):
+    """Task-based SAM's gradients written out with torch.func on a copy of the model: stage 1's and stage 2's
+    shared ``[K, P]`` and each head's stage-2 gradients. ``model(x)`` returns ``(features, [K outputs])``, its
+    parameters named ``encoder.*`` and ``heads.<k>.*``; the losses are mean squared errors."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     shared_names = [n for n in params if n.startswith("encoder.")]
 
@@ -79,9 +81,13 @@ def hand_step(model, x, ys, aggregator_factory, rho, adaptive):
         G.append(flat(g, shared_names))
         S.append(flat(g_sam, shared_names))
         head_grads.append([g_sam[n] for n in head_names])
-    G, S = torch.stack(G), torch.stack(S)
-    shared = aggregator_factory()(G) + aggregator_factory()(S - G)
-    return shared, head_grads
+    return torch.stack(G), torch.stack(S), head_grads
+
+
+def hand_step(model, x, ys, aggregator_factory, rho, adaptive):
+    """Task-based SAM's shared update and head gradients, written out (``hand_grads``)."""
+    G, S, head_grads = hand_grads(model, x, ys, rho, adaptive)
+    return aggregator_factory()(G) + aggregator_factory()(S - G), head_grads
 
 
 def grads_after_step(model, sam, closure, **kwargs):

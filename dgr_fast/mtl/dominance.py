@@ -26,8 +26,9 @@ shared gradient the optimizer stepped on (``sum_k c_k`` is ``.grad`` less what b
   SGD case, this is the exact split of a linear rule.
 
 What belongs to no task is left out of every share: weight decay, and DGR's penalty gradient in the weighting and
-aggregator paths, which the DGR code adds after the method's own gradient (with ``AdaTask`` the penalty is split as
-``R = sum_k R_k`` into the task losses, so it rides in the task shares). rAU is relative among the tasks.
+aggregator paths (``TaskSAM``'s included), which the DGR code adds after the method's own gradient (with ``AdaTask``
+the penalty is split as ``R = sum_k R_k`` into the task losses, so it rides in the task shares). rAU is relative
+among the tasks.
 
 Levels: per *element* (the paper's "parameter": its rule is element-wise), per *tensor* and per *layer* (a
 parameter's name up to its last dot, so ``encoder.0.weight`` and ``encoder.0.bias`` are layer ``encoder.0``). A tensor
@@ -38,17 +39,20 @@ weighs each element by the size of its updates. The two differ where a few eleme
 
 Cost: AU is one ``[K, n]`` state per tracked tensor (fp32; fp64 for fp64 parameters), or ``[K]`` with
 ``per_element=False`` (then only ``"sum"``); Adam and SGD with momentum add the per-task moment ``[K, n]``. Each
-observed step is a few element-wise passes over ``[K, n]``. With ``AdaTask`` that is all; with Adam or SGD the
-per-task parts ``c_k`` must come from per-task gradients, which a loss weighting never computes and which
-``MTLStep`` does not hand out, so :meth:`TaskDominance.step` takes them again (``per_task_grads``: K more
-backward passes in ``grad_mode="loop"``). ``TaskSAM`` and ``MetaMTL`` are not covered: their per-task shares need
-the perturbed (inner-step) gradients they compute inside.
+observed step is a few element-wise passes over ``[K, n]``. With ``AdaTask`` that is all. With Adam or SGD the
+per-task parts ``c_k`` come from per-task gradients: an aggregator's step (``MTLStep`` or ``TaskSAM``) computes them
+and hands them to :meth:`TaskDominance.step` through its ``observer``, so the split costs the aggregator's
+coefficients once more (a random one's draws replayed), no backward pass; a loss weighting never computes them, so
+the tracker takes them (``per_task_grads``: K more backward passes in ``grad_mode="loop"``). ``MetaMTL`` is not
+covered: its shared gradient is the sum of the K outer gradients ``grad L_k(theta_k')``, which its step adds into
+one buffer as it goes; no ``[K, P]`` of them exists for an observer to hand out, and keeping one would cost the
+memory the step saves.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ from torch import Tensor
 
 from dgr_fast.mtl.aggregators import Aggregator, GradDrop, LinearAggregator
 from dgr_fast.mtl.grads import _check_losses, per_task_grads
+from dgr_fast.mtl.sam import TaskSAM
 from dgr_fast.mtl.scales import aggregator_scale
 from dgr_fast.mtl.step import MTLStep
 from dgr_fast.optim.adatask import AdaTask, _relative, state_dtype
@@ -95,7 +100,8 @@ class TaskDominance:
         per_element: keep AU per element ``[K, n]`` (needed for the ``"element"`` level and the ``"mean"``
             reduction) or only per tensor ``[K]``.
 
-    Use :meth:`step` in place of ``MTLStep.step``, or call :meth:`observe` after each ``optimizer.step()``.
+    Use :meth:`step` in place of ``MTLStep.step`` or ``TaskSAM.step``, or call :meth:`observe` after each
+    ``optimizer.step()``.
     """
 
     def __init__(
@@ -206,48 +212,89 @@ class TaskDominance:
         return m * (lr / (1.0 - beta1**step)) / (v.sqrt() / math.sqrt(1.0 - beta2**step) + eps)
 
     # ---------------------------------------------------------------------------------------------------------- #
-    def step(self, mtl_step: MTLStep, losses: Sequence[Tensor] | Tensor, **kwargs: Any) -> dict[str, Tensor | None]:
-        """``mtl_step.step(losses, **kwargs)``, then :meth:`observe` with each task's part of what it stepped on.
+    def step(self, runner: MTLStep | TaskSAM, losses: Sequence[Tensor] | Tensor | Callable[[], Any],
+             **kwargs: Any) -> dict[str, Tensor | None]:
+        """``runner.step(losses, **kwargs)`` (for ``TaskSAM``, ``losses`` is its closure), then :meth:`observe`
+        with each task's part of what it stepped on.
 
-        With Adam or SGD the per-task gradients ``g_k`` of the tracked parameters are taken first
-        (``per_task_grads``, in ``mtl_step``'s ``grad_mode``, keeping the graph for the step). A loss weighting's
-        part is ``w_k g_k``, ``w_k`` the gradient of the step's total loss w.r.t. loss k (hooks on the losses: the
-        weights it used, uncertainty weighting's ``exp(-s_k)`` included); a linear aggregator's ``s a_k g_k`` with
-        its coefficients ``a_k`` (``weights``) and ``aggregator_scale``'s factor ``s``; GradDrop's the part of
-        ``g_k`` of the sign it kept, mixed with ``leak``. Random aggregators (PCGrad, GradDrop) draw their numbers
-        for the split from a copy of the random state the step then draws from, so the split is the step's.
+        A loss weighting's part is ``w_k g_k``, ``w_k`` the gradient of the step's total loss w.r.t. loss k (hooks
+        on the losses: the weights it used, uncertainty weighting's ``exp(-s_k)`` included), with the per-task
+        gradients ``g_k`` of the tracked parameters taken first (``per_task_grads`` in ``runner``'s ``grad_mode``,
+        keeping the graph for the step: a weighting never computes them). An aggregator's part comes from the
+        per-task gradients the step computes itself, handed over by ``runner.observer`` (set for this call, any
+        observer already there still called), so tracking adds no backward pass: a linear aggregator's
+        ``s a_k g_k`` with its coefficients ``a_k`` (``weights``) and ``aggregator_scale``'s factor ``s``;
+        GradDrop's the part of ``g_k`` of the sign it kept, mixed with ``leak``. ``TaskSAM`` aggregates twice, so
+        task k's part is ``s (a_k g_k + a'_k h_k)``, ``a'`` the coefficients on the flat directions
+        ``h_k = g_k^SAM - g_k`` (with ``Sum``, ``g_k^SAM``). Random aggregators (PCGrad, GradDrop) draw their
+        numbers for the split from a copy of the random state the step then draws from, so the split is the
+        step's.
         """
-        if mtl_step.optimizer is not self.optimizer:
-            raise ValueError("mtl_step steps another optimizer than this tracker watches")
+        if runner.optimizer is not self.optimizer:
+            raise ValueError("runner steps another optimizer than this tracker watches")
+        aggregator = runner.aggregator
+        if isinstance(runner, TaskSAM):
+            if isinstance(self.optimizer, AdaTask):
+                raise ValueError("TaskSAM hands AdaTask no per-task gradients: it cannot step it")
+            self._check_params(runner.shared, "task_sam's shared parameters, in its order")
+            factor = aggregator_scale(aggregator, self.num_tasks, runner.aggregator_scale, "sam")
+
+            def sam_parts(grads: Tensor, sam_grads: Tensor, values: Tensor) -> Tensor:
+                # The step's order of calls, so a random aggregator's draws fall alike: the gradients, then h.
+                return factor * _same_draws(aggregator, grads.device, lambda: aggregator_parts(
+                    aggregator, grads, values) + aggregator_parts(aggregator, sam_grads - grads, values))
+
+            return self._observed(runner, sam_parts, lambda: runner.step(losses, **kwargs))
         if isinstance(self.optimizer, AdaTask):
             if self.optimizer.variant != "adam":
                 raise ValueError(f"AdaTask's {self.optimizer.variant} variant: call observe(task_grads) with the "
                                  "per-task gradients its step used")
-            info = mtl_step.step(losses, **kwargs)
+            info = runner.step(losses, **kwargs)
             self.observe()
             return info
-        shared = [p for p in mtl_step.shared_params if p.requires_grad]
-        if [id(p) for p in shared] != [id(p) for p in self.params]:
-            raise ValueError("the tracker must watch mtl_step's shared parameters that require grad, in its order")
-        loss_list = _check_losses(losses)
-        grads = per_task_grads(loss_list, shared, features=kwargs.get("features"), mode=mtl_step.grad_mode,
-                               retain_graph=True, chunk_size=mtl_step.chunk_size,
-                               process_group=mtl_step.process_group)
-        aggregator = mtl_step.aggregator
-        if aggregator is None:
-            weights, handles = _loss_gradients(losses)
-            try:
-                info = mtl_step.step(losses, **kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self.observe(weights()[:, None] * grads)
-            return info
-        values = torch.stack([loss.detach() for loss in loss_list])
-        parts = _same_draws(aggregator, grads.device, lambda: aggregator_parts(aggregator, grads, values))
-        parts = parts * aggregator_scale(aggregator, len(loss_list), mtl_step.aggregator_scale, "dgr")
-        info = mtl_step.step(losses, **kwargs)
-        self.observe(parts)
+        self._check_params([p for p in runner.shared_params if p.requires_grad],
+                           "mtl_step's shared parameters that require grad, in its order")
+        if aggregator is not None:
+            factor = aggregator_scale(aggregator, self.num_tasks, runner.aggregator_scale, "dgr")
+
+            def parts(grads: Tensor, values: Tensor) -> Tensor:
+                return factor * _same_draws(aggregator, grads.device,
+                                            lambda: aggregator_parts(aggregator, grads, values))
+
+            return self._observed(runner, parts, lambda: runner.step(losses, **kwargs))
+        grads = per_task_grads(_check_losses(losses), self.params, features=kwargs.get("features"),
+                               mode=runner.grad_mode, retain_graph=True, chunk_size=runner.chunk_size,
+                               process_group=runner.process_group)
+        weights, handles = _loss_gradients(losses)
+        try:
+            info = runner.step(losses, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.observe(weights()[:, None] * grads)
+        return info
+
+    def _check_params(self, params: Sequence[Tensor], what: str) -> None:
+        if [id(p) for p in params] != [id(p) for p in self.params]:
+            raise ValueError(f"the tracker must watch {what}")
+
+    def _observed(self, runner: MTLStep | TaskSAM, parts: Callable[..., Tensor],
+                  run: Callable[[], dict[str, Tensor | None]]) -> dict[str, Tensor | None]:
+        """``run()`` with ``runner.observer`` keeping ``parts(*what it is handed)``, then :meth:`observe` of that
+        ``[K, P]``: the parts must wait for the optimizer's step, whose moments the split reads."""
+        previous, kept = runner.observer, []
+
+        def observer(*args: Tensor) -> None:
+            if previous is not None:
+                previous(*args)
+            kept.append(parts(*args))
+
+        runner.observer = observer
+        try:
+            info = run()
+        finally:
+            runner.observer = previous
+        self.observe(kept[0])
         return info
 
     # ---------------------------------------------------------------------------------------------------------- #

@@ -65,6 +65,11 @@ class TaskSAM:
         process_group: under ``torch.distributed``, ``None`` (the default group) or a group: stage 1's per-task
             gradients are averaged before the perturbation (so every rank perturbs alike) and stage 2's after it,
             one buffer each; ``"local"``: no synchronisation (``DummyHeads`` follow their own ``process_group``).
+        observer: called in every step as ``observer(grads, sam_grads, losses)`` with stage 1's and stage 2's
+            per-task gradients of the shared parameters, ``[K, P_shared]`` each (DGR's row left out), and the
+            detached losses ``[K]``, before the aggregator combines them, inside its random draws' scope (an
+            observer that puts the random state back sees the draws the aggregator then makes). For a
+            task-dominance tracker (``TaskDominance.step`` sets it for its call). It must not change them.
 
     Deviations: the authors' scripts differ in whether shared and head parts are normalised separately (one of
     them normalises jointly); this class normalises them separately, as the paper. Their MGDA variant (the min-norm
@@ -86,6 +91,7 @@ class TaskSAM:
         dgr_lambda: float = 0.0,
         aggregator_scale: str | float = "authors",
         process_group: object = None,
+        observer: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     ) -> None:
         check_scale(aggregator_scale)
         check_process_group(process_group)
@@ -113,6 +119,7 @@ class TaskSAM:
         self.rho, self.adaptive = float(rho), bool(adaptive)
         self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
         self.aggregator_scale, self.process_group = aggregator_scale, process_group
+        self.observer = observer
 
     def _perturbation(self, grad: Tensor, weights: Tensor) -> Tensor:
         """``e`` for one parameter group: flat ``grad`` and the group's flat parameter values ``weights``."""
@@ -200,6 +207,8 @@ class TaskSAM:
 
         loss_values = torch.stack([x.detach() for x in losses])
         with _rank0_draws(sync, self.aggregator, g_shared.device):
+            if self.observer is not None:
+                self.observer(g_shared, sam_shared, loss_values)
             update = self.aggregator(g_shared, loss_values) + self.aggregator(sam_shared - g_shared, loss_values)
         factor = aggregator_scale(self.aggregator, K, self.aggregator_scale, "sam")
         if factor != 1.0:

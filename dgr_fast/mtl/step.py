@@ -7,7 +7,7 @@ object does that in one call, for any optimizer.
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,12 @@ class MTLStep:
             heads'), random methods draw rank 0's numbers, so the ranks stay equal and equal one process on the
             global batch; ``"local"``: no synchronisation. ``AdaTask`` and ``DummyHeads`` synchronise by their own
             ``process_group``.
+        observer: with an aggregator, called in every backward as ``observer(grads, losses)`` with the per-task
+            gradients ``[K, P]`` of the shared parameters that require grad (P their elements, flat, in order; DGR's
+            row left out) and the detached losses ``[K]``, before the aggregator combines them, inside its random
+            draws' scope (an observer that puts the random state back sees the draws the aggregator then makes).
+            For a task-dominance tracker, which would otherwise take the gradients again (``TaskDominance.step``
+            sets it for its call). It must not change them. Weightings and ``AdaTask`` never call it.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class MTLStep:
         chunk_size: int | None = None,
         aggregator_scale: str | float = "authors",
         process_group: object = None,
+        observer: Callable[[Tensor, Tensor], None] | None = None,
     ) -> None:
         if weighting is not None and aggregator is not None:
             raise ValueError("give a weighting or an aggregator, not both")
@@ -96,6 +103,7 @@ class MTLStep:
         self.dummy_heads, self.dgr_lambda = dummy_heads, float(dgr_lambda)
         self.grad_mode, self.chunk_size = grad_mode, chunk_size
         self.aggregator_scale, self.process_group = aggregator_scale, process_group
+        self.observer = observer
 
     def backward(
         self,
@@ -210,8 +218,11 @@ class MTLStep:
         heads = [p for p in self.task_params if p.requires_grad]
         grads, head_grads = _per_task_grads(rows, shared, features, self.grad_mode, False, self.chunk_size, heads, sync)
         k = len(losses)
+        values = torch.stack([loss.detach() for loss in losses])
         with _rank0_draws(sync, self.aggregator, grads.device):
-            update = self.aggregator(grads[:k], torch.stack([loss.detach() for loss in losses]))
+            if self.observer is not None:
+                self.observer(grads[:k], values)
+            update = self.aggregator(grads[:k], values)
         factor = aggregator_scale(self.aggregator, k, self.aggregator_scale, "dgr")
         if factor != 1.0:
             update = update * factor

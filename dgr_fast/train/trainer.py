@@ -121,9 +121,9 @@ def check_config(config: RunConfig, batch_size: int | None = None) -> None:
 
 def check_dominance(config: RunConfig) -> None:
     """Refuse the specs whose task shares the dominance tracker cannot split (``dgr_fast.mtl.dominance``)."""
-    if config.sam_rho or config.meta:
-        raise SpecError(f"spec {config.spec!r}: the dominance tracker splits MTLStep's updates; sam and meta "
-                        "compute their per-task gradients inside their steps")
+    if config.meta:
+        raise SpecError(f"spec {config.spec!r}: the dominance tracker splits MTLStep's and TaskSAM's updates; meta "
+                        "sums its per-task gradients inside its step")
 
 
 def _dummy_heads(data: MTLDataset, model: MTLModel, settings: TrainSettings, device: torch.device) -> DummyHeads:
@@ -194,15 +194,15 @@ class _Step:
             out = self.runner.step((x[:half], [y[:half] for y in ys]), (x[half:], [y[half:] for y in ys]))
             return out["inner_losses"]
         dgr = self.dgr_inputs(ys) if self.dummy is not None else {}
+        run = self.runner.step if self.tracker is None else functools.partial(self.tracker.step, self.runner)
         if isinstance(self.runner, TaskSAM):
             def closure():
                 z, outs = self.model(x)
                 losses = self._criterion((z, outs), ys)
                 return (losses, z) if self.dummy is not None else losses
-            return self.runner.step(closure, **dgr)["losses"]
+            return run(closure, **dgr)["losses"]
         z, outs = self.model(x)
         features = z if (self.dummy is not None or self.runner.grad_mode == "batched") else None
-        run = self.runner.step if self.tracker is None else functools.partial(self.tracker.step, self.runner)
         return run(self._criterion((z, outs), ys), features=features, **dgr)["losses"]
 
     def end_epoch(self) -> None:
@@ -274,7 +274,7 @@ def train(data: MTLData, config: RunConfig, settings: TrainSettings,
     Returns the model and a JSON-ready record: the config, the backends used, per-epoch train losses and test
     metrics, the median step time (forward + the method's backward and optimizer step, no data loading), and with
     DGR the median time of the penalty alone and its share of the step. With ``dominance``, ``"dominance"`` holds
-    each task's rAU per shared layer of the encoder (``TaskDominance.summary``; MTLStep's specs only).
+    each task's rAU per shared layer of the encoder (``TaskDominance.summary``; not for meta).
 
     Under ``torch.distributed`` (``torchrun``), every rank trains on its share of each global batch of
     ``settings.batch_size`` (``epoch_batches``) and the library's steps keep the ranks equal; rank 0 alone
