@@ -1,6 +1,6 @@
 """The DGR penalty for linear (1x1-convolution) dummy heads: checks, packing, backends and autograd.
 
-DESIGN.md section 4 is the math. Every task's head is stacked into one ``[C, D]`` matrix (``C = sum_k C_k``) and
+docs/DESIGN.md (the DGR penalty for linear dummy heads) has the math. Every task's head is stacked into one ``[C, D]`` matrix (``C = sum_k C_k``) and
 the features are read as ``z3 = [B, D, P]`` (rows are ``(b, p)`` pairs; ``[N, D]`` is ``[N, D, 1]``), without a copy
 where the spatial dims are mergeable. Per row ``i`` and column ``c`` of task ``t``:
 
@@ -30,26 +30,35 @@ code finds validity with torch ops (``row_validity``, ``Packed.validity``) and r
 
 The op computes unweighted per-task penalties; task weights (``R`` scales with ``w_k^2``), the norm and the
 sum over tasks are applied afterwards in differentiable torch ops, so a learnable weight gets its gradient too.
+
+``torch.compile`` traces the op with no graph break on every backend: the backend is chosen while tracing (see
+``dgr_fast.backends``), the fused backends are the ``torch.library`` op pair ``dgr_fast::dgr_penalty_fwd`` /
+``_bwd`` (fake implementations, autograd registered), and the class-index check becomes an assertion inside the
+graph (``RuntimeError`` rather than ``ValueError``, without the index). ``torch.func`` transforms (``grad``,
+``vmap``, ``jvp`` and their compositions) run the ``torch`` backend as plain differentiable ops (autograd, or
+forward-mode AD, through the closed form of pass 1, rather than ``_TorchPenalty``'s recomputing backward) and the
+``reference`` backend as ``torch.func.grad`` of each task's loss; the fused backends refuse them, naming these two.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torch._C import _functions
 
-from dgr_fast.backends import resolve_backend
+from dgr_fast.backends import ENV_VAR, resolve_backend
 from dgr_fast.distributed import sync_for
 from dgr_fast.reference import dgr as ref
 
 LOSS_CODES = {"ce": 0, "bce": 1, "mse": 2, "l1": 3}
 NORMS = ("squared", "l2")
 IMPLEMENTED = ("cuda", "triton", "cpp", "torch", "reference")
+FUNC_BACKENDS = ("torch", "reference")  # the backends torch.func transforms compose with
 DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
@@ -63,6 +72,28 @@ class Rows(NamedTuple):
     y: Tensor  # [R, Cy], acc
     omega: Tensor  # [R, T], acc
     y_offsets: list[int]
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...), whose tensors an
+    ``autograd.Function`` without ``setup_context``, an in-place write into a fresh tensor (``vmap``), or a read of a
+    tensor's value (``vmap``) cannot take. Never true while torch.compile traces (its own tracing is not a transform
+    of the user's function)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+class _lazy:
+    """``functools.cached_property`` without the lock Python 3.11's takes, which torch.compile cannot trace."""
+
+    def __init__(self, build):
+        self.build, self.name = build, build.__name__
+        self.__doc__ = build.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.build(obj)  # found there first from now on (no __set__ here)
+        return value
 
 
 @dataclass
@@ -80,23 +111,23 @@ class Packed:
     losses: list[int]
     col_offsets: list[int]
 
-    @cached_property
+    @_lazy
     def bias_mask(self) -> Tensor:
         """``[C]``: 1 in the columns of a task with a bias, else 0."""
         return column_mask(self.has_bias, self.col_offsets, self.bias)
 
-    @cached_property
+    @_lazy
     def validity(self) -> tuple[list[Tensor | None], Tensor]:
         """``(valid, scales)`` by torch ops, as the ``cpp`` kernels find them (bad class indices raise here)."""
         valid = row_validity(self.targets, self.masks, self.ignore_index, self.losses, self.col_offsets)
         return valid, row_scales(valid, self.per_row, self.z3, self.weight.dtype)
 
-    @cached_property
+    @_lazy
     def rows(self) -> Rows:
         """The row-major layout of ``pack_rows``, built on first use."""
         return pack_rows(self.z3, self.targets, *self.validity, self.losses)
 
-    @cached_property
+    @_lazy
     def labels(self) -> list[Tensor | None]:
         """``class_rows`` of the problem, built on first use."""
         return class_rows(self.targets, self.validity[0], self.losses)
@@ -235,7 +266,9 @@ def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], igno
                  losses: Sequence[int], col_offsets: Sequence[int], check: bool = True) -> list[Tensor | None]:
     """Per task the rows that count (bool, the targets' row shape; ``None`` where all do): the mask, and for ``"ce"``
     the class indices other than ``ignore_index``. With ``check``, a counted class index outside ``[0, C_k)`` raises
-    ``ValueError`` (reading the indices: a device sync on a GPU)."""
+    ``ValueError`` (reading the indices: a device sync on a GPU); under torch.compile, ``RuntimeError`` when the
+    graph runs. Inside a ``torch.func`` transform it is not checked here (``vmap`` can neither read the indices nor
+    batch the assertion): the one-hot scatter (``torch``) or ``cross_entropy`` (``reference``) refuses the index."""
     valid = []
     for k, (code, y, m) in enumerate(zip(losses, targets, masks)):
         if code != LOSS_CODES["ce"]:
@@ -244,14 +277,15 @@ def row_validity(targets: Sequence[Tensor], masks: Sequence[Tensor | None], igno
         v = y != ignore_index[k]
         if m is not None:
             v = v & m
-        if check:
+        if check and not functorch_active():
             classes = col_offsets[k + 1] - col_offsets[k]
             bad = v & ((y < 0) | (y >= classes))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"targets[{k}] holds class index {int(y[bad][0])} outside [0, {classes}) "
-                    f"(C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
-                )
+            where = f"outside [0, {classes}) (C_k = weights[{k}].shape[0]; ignore_index = {ignore_index[k]})"
+            if torch.compiler.is_compiling():
+                # Reading the indices here would end the graph: the compiled graph asserts it itself.
+                torch._assert_async(~bad.any(), f"targets[{k}] holds a class index {where}")
+            elif bool(bad.any()):
+                raise ValueError(f"targets[{k}] holds class index {int(y[bad][0])} {where}")
         valid.append(v)
     return valid
 
@@ -282,6 +316,13 @@ def pack_rows(z3: Tensor, targets: Sequence[Tensor], valid: Sequence[Tensor | No
     y_offsets = [0]
     for code, target in zip(losses, targets):
         y_offsets.append(y_offsets[-1] + (1 if code == LOSS_CODES["ce"] else target.shape[1]))
+    if torch.compiler.is_compiling() or functorch_active():
+        # vmap cannot write batched targets into a fresh, unbatched tensor, nor torch.compile trace a strided out=:
+        # concatenate the per-task pieces instead (inductor fuses them into one write anyway).
+        y = torch.cat([torch.where(v, target, 0)[..., None].to(scales.dtype) if code == LOSS_CODES["ce"]
+                       else target.transpose(1, 2).to(scales.dtype) for code, target, v in zip(losses, targets, valid)], 2)
+        omega = torch.stack([scales[k].expand(n, p) if v is None else v * scales[k] for k, v in enumerate(valid)], 2)
+        return Rows(y.reshape(n * p, y_offsets[-1]), omega.reshape(n * p, len(losses)), y_offsets)
     # Rows in (b, p) order: y [B, P, Cy] and omega [B, P, T] are [R, Cy] and [R, T]; each task writes its columns
     # in one strided copy (converting the dtype on the way), with no cat of per-task pieces.
     y = torch.empty(n, p, y_offsets[-1], dtype=scales.dtype, device=z3.device)
@@ -487,6 +528,7 @@ def _kernels(backend: str):
     return forward, backward
 
 
+@torch.compiler.assume_constant_result  # imports the extension: a constant of the process for torch.compile
 def _missing_kernels(backend: str) -> str | None:
     """Why an available backend has no DGR kernels (None when it has them)."""
     if backend in ("cpp", "cuda"):
@@ -724,16 +766,29 @@ def dgr_penalty_per_task(
     )
     sync = sync_for(process_group)
     ce_classes = max([w.shape[0] for w, loss in zip(weights, losses) if loss == "ce"], default=0)
-    shape = (len(weights), sum(w.shape[0] for w in weights), features.shape[1], ce_classes)
+    # The width from the heads, not the features: a constant while torch.compile traces even where the features'
+    # dims are dynamic (backend choice runs as a constant function of these numbers).
+    shape = (len(weights), sum(w.shape[0] for w in weights), weights[0].shape[1], ce_classes)
     name = _resolve(features.device, features.dtype, backend, shape)
+    transformed = functorch_active()
+    if transformed and name not in FUNC_BACKENDS:
+        if backend is None and not os.environ.get(ENV_VAR):
+            name = "torch"  # an automatic choice: the fastest backend that composes with the transform
+        else:
+            source = "backend=" if backend is not None else f"${ENV_VAR}"
+            raise RuntimeError(f"dgr_penalty(backend={name!r}) ({source}) does not support torch.func transforms "
+                               f"(grad, vmap, jvp, ...); use backend='torch' (or backend='reference')")
     if sync is not None and name == "reference":
         raise ValueError("process_group: the reference backend computes each rank's own penalty only; give "
                          "process_group='local' for that, or another backend for the global batch's penalty")
+    if sync is not None and transformed:
+        raise ValueError("process_group: the global batch's penalty does not support torch.func transforms; give "
+                         "process_group='local' for each rank's own penalty")
     if name == "reference":
         codes = [LOSS_CODES[loss] for loss in losses]
         row_validity(targets, masks, ignore_index, codes, [0, *itertools.accumulate(w.shape[0] for w in weights)])
         acc = accumulation_dtype(features.dtype)
-        return ref.linear_penalties(
+        return _reference_penalties(
             features.to(acc), [w.to(acc) for w in weights], [None if b is None else b.to(acc) for b in biases],
             targets, losses, masks, ignore_index, reductions,
         )
@@ -743,11 +798,34 @@ def dgr_penalty_per_task(
         return _GlobalPenalty.apply(features, p.z3.detach(), *args, sync)
     if name == "torch":
         y, omega, y_offsets = p.rows
+        if transformed:
+            # Plain differentiable ops: the transform differentiates (or batches) pass 1 itself.
+            g_w, g_b = _torch_gradients(p.z3, p.weight, p.bias, p.bias_mask, y, p.labels, omega, p.losses,
+                                        p.col_offsets, y_offsets)
+            return task_penalties(g_w, g_b, p.col_offsets)
         return _TorchPenalty.apply(p.z3, p.weight, p.bias, p.bias_mask, y, p.labels, omega, p.losses, p.col_offsets,
                                    y_offsets)
     if torch.compiler.is_compiling():
         return _fused_fwd(p.z3, *args)[0]
     return _FusedPenalty.apply(features, p.z3.detach(), *args)
+
+
+def _reference_penalties(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Tensor:
+    """The ``reference`` backend: per task ``||d L_k / d (W_k, b_k)||^2``, the gradient taken by autograd through
+    ``reference.dgr``'s ``linear_head`` and ``task_loss``, as ``reference.linear_penalties`` takes it, but with
+    ``torch.func.grad`` instead of ``autograd.grad`` on fresh leaves: functional, so torch.compile traces it and
+    torch.func transforms compose with it (neither takes ``requires_grad_()`` inside), and still differentiable
+    w.r.t. the features to any order."""
+    penalties = []
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        def loss(params: tuple[Tensor, ...], k: int = k) -> Tensor:
+            logits = ref.linear_head(features, params[0], params[1] if len(params) > 1 else None)
+            return ref.task_loss(logits, targets[k], losses[k], mask=masks[k], ignore_index=ignore_index[k],
+                                 reduction=reductions[k])
+
+        params = (w.detach(),) if b is None else (w.detach(), b.detach())
+        penalties.append(sum(g.square().sum() for g in torch.func.grad(loss)(params)))
+    return torch.stack(penalties)
 
 
 def apply_norm(penalty: Tensor, norm: str) -> Tensor:

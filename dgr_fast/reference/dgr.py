@@ -66,11 +66,21 @@ def task_loss_sum(
         # any integer dtype, as the fused backends take (cross_entropy itself wants int64)
         per_row = F.cross_entropy(logits, torch.where(valid, target, 0).long(), reduction="none")
         return (per_row * valid).sum(), valid.sum()
-    fn = {"bce": F.binary_cross_entropy_with_logits, "mse": F.mse_loss, "l1": F.l1_loss}[loss]
+    fn = {"bce": F.binary_cross_entropy_with_logits, "mse": F.mse_loss, "l1": _l1}[loss]
     per_element = fn(logits, target.to(logits.dtype), reduction="none")
     channel_mask = valid.unsqueeze(1)
     count = channel_mask.sum() * (logits.shape[1] if reduction == "mean" else 1)
     return (per_element * channel_mask).sum(), count
+
+
+def _l1(logits: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """``F.l1_loss(..., reduction="none")``, ``|d| = d sign(d)`` with the sign a constant: the same value and first
+    derivative (0 at d = 0 as abs's), and the second derivative abs has almost everywhere, 0, without the zeros
+    tensor abs's double backward creates, which torch.compile cannot trace inside ``torch.func.grad`` (the
+    ``reference`` backend's gradient under torch.compile)."""
+    assert reduction == "none"
+    d = logits - target
+    return d * d.sign().detach()
 
 
 def linear_head(features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
