@@ -41,7 +41,7 @@ import dgr_fast  # noqa: E402
 from dgr_fast import DummyHeads, DummyTask, dgr_penalty  # noqa: E402
 from dgr_fast.reference import module_penalty, task_loss  # noqa: E402
 from dgr_fast.train.models import DeepLabHead, UnitNormal, mlp_head  # noqa: E402
-from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
+from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, sync, write_csv  # noqa: E402
 
 
 @dataclass
@@ -102,11 +102,6 @@ def make_inputs(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) ->
         reductions.append("row_mean" if shape.dense_official and loss != "ce" else "mean")
     return dict(features=z, weights=weights, biases=biases, targets=targets, losses=losses, masks=masks,
                 ignore_index=-1, reductions=reductions)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_time(fn, device: str, min_time: float, max_reps: int) -> float:

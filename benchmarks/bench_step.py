@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +33,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import AdaTask, DummyHeads, DummyTask  # noqa: E402
-from dgr_fast.benchmarks import bar_plot, bench_parser, malloc_mode, write_csv  # noqa: E402
+from dgr_fast.benchmarks import bar_plot, bench_parser, interleaved_medians, malloc_mode, write_csv  # noqa: E402
 from dgr_fast.mtl.aggregators import Aggregator  # noqa: E402
 from dgr_fast.mtl.methods import METHODS, make_method  # noqa: E402
 from dgr_fast.mtl.dominance import TaskDominance  # noqa: E402
@@ -70,28 +68,6 @@ def batch(b, h, w, device, seed=0):
     depth, normal = torch.rand(b, 1, h, w, generator=g), torch.randn(b, 3, h, w, generator=g)
     valid = depth[:, 0] > 0.1
     return [t.to(device) for t in (x, seg, depth, normal, valid)]
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict, device: str, reps: int) -> dict:
-    """Median step time of each function, the functions taking turns step by step: a machine whose speed drifts
-    (this VM's does, by up to 30% within minutes) then slows all of them alike, and their ratios stay meaningful."""
-    for fn in fns.values():
-        for _ in range(3):  # until glibc's mmap threshold has risen past the step's large blocks (no more page faults)
-            fn()
-    sync(device)
-    times = {key: [] for key in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def build(method: str, dgr: str | None, device: str, lam: float, grad_mode: str, blocks: int):

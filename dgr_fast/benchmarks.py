@@ -3,7 +3,8 @@
 The scripts live in the repository's ``benchmarks/`` folder, not in the package: ``bench_dgr.py`` (the DGR penalty
 against its floor), ``bench_adatask.py`` (the AdaTask step against its byte floor, per-task gradients),
 ``bench_step.py`` (one training step per MTL method, with and without DGR) and ``bench_distributed.py`` (each
-method's step at world size 1 and 2 over gloo or NCCL, and the bytes its collectives carry). Each is also a plain script with
+method's step at world size 1 and 2 over gloo or NCCL, and the bytes its collectives carry) and ``bench_compile.py`` (a
+step with DGR, eager against torch.compile). Each is also a plain script with
 ``main(argv)``; they take ``--quick``, ``--device`` and ``--out`` alike, print a table, and write CSV files and a PNG
 plot to ``--out``.
 
@@ -30,14 +31,16 @@ import csv
 import ctypes
 import os
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-BENCHMARKS = ("dgr", "adatask", "step", "distributed")
+BENCHMARKS = ("dgr", "adatask", "step", "distributed", "compile")
 DEVICES = ("cpu", "cuda")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 LIBC = ctypes.CDLL(None)  # the C library this process runs on: glibc's mallopt and malloc_trim, when it is glibc
@@ -122,6 +125,29 @@ def bench_parser(doc: str, script: str, quick_help: str) -> argparse.ArgumentPar
     p.add_argument("--out", default=str(Path(script).resolve().parent / "out"), metavar="DIR",
                    help="folder for the CSV files and the plot (default: %(default)s)")
     return p
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a timing's end on a GPU; nothing to wait for on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict, device: str, reps: int) -> dict:
+    """Median step time of each function, the functions taking turns step by step: a machine whose speed drifts
+    (this VM's does, by up to 30% within minutes) then slows all of them alike, and their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(3):  # until glibc's mmap threshold has risen past the step's large blocks (no more page faults)
+            fn()
+    sync(device)
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], fieldnames: Sequence[str] | None = None) -> None:

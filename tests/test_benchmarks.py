@@ -29,6 +29,8 @@ TINY = {
     "adatask": ["--device", "cpu", "--parts", "synthetic", "--sizes", "0.0625", "--tasks", "2", "--reps", "1"],
     "step": ["--device", "cpu", "--quick", "--batch", "1", "--height", "8", "--width", "8", *THREADS],
     "distributed": ["--device", "cpu", "--steps", "1", "--methods", "ddp,pcgrad+dgr", *THREADS],
+    "compile": ["--device", "cpu", "--quick", "--rows", "8", "--width", "16", "--backends", "torch", "--reps", "1",
+                *THREADS],
 }
 # Per script and tiny run: the CSV file it writes (a glob: adatask stamps its file names with the time; the plot has
 # the same name, .png), columns the CSV must have (the floor and ratio columns among them), and the table's header.
@@ -37,6 +39,7 @@ OUTPUTS = {
     "adatask": ("adatask_step_cpu_*.csv", ["floor_ms", "x_floor", "speedup_vs_loop"], "x floor  x inpl  vs loop"),
     "step": ("step_cpu.csv", ["ms", "overhead_pct"], "ms/step  overhead"),
     "distributed": ("distributed_cpu.csv", ["step_ms_1", "step_ms_2", "bytes_vs_ddp"], "bytes/step x DDP bytes"),
+    "compile": ("compile_cpu.csv", ["eager_ms", "compiled_ms", "speedup"], "eager ms  compiled ms  speedup"),
 }
 
 
@@ -51,7 +54,7 @@ def script(name: str) -> ModuleType:
 
 
 def test_bad_benchmark_name_lists_the_choices(capfd):
-    with pytest.raises(ValueError, match="dgr, adatask, step, distributed or all"):
+    with pytest.raises(ValueError, match="dgr, adatask, step, distributed, compile or all"):
         run_benchmarks("dgr_penalty")
     assert capfd.readouterr().out == ""  # raised before any script started
 
@@ -85,7 +88,7 @@ def test_installed_package_without_the_scripts_says_where_they_are(tmp_path, mon
 def test_runner_runs_each_script_in_a_child_and_returns_the_first_failure(monkeypatch, capfd):
     # The scripts themselves are replaced by exit statuses here: this checks the order, the arguments and the
     # status; test_runner_end_to_end runs a real one.
-    calls, statuses = [], iter([0, 3, -signal.SIGKILL, 0])
+    calls, statuses = [], iter([0, 3, -signal.SIGKILL, 0, 0])
 
     def fake_run(command: list[str]) -> subprocess.CompletedProcess:
         calls.append(command)
@@ -94,7 +97,7 @@ def test_runner_runs_each_script_in_a_child_and_returns_the_first_failure(monkey
     monkeypatch.setattr(benchmarks.subprocess, "run", fake_run)
     assert run_benchmarks("all", quick=True, device="cpu", out="some/dir", extra=["--reps", "1"]) == 3
     assert [Path(c[1]).name for c in calls] == ["bench_dgr.py", "bench_adatask.py", "bench_step.py",
-                                                "bench_distributed.py"]
+                                                "bench_distributed.py", "bench_compile.py"]
     assert all(c[0] == sys.executable and c[2:] == ["--quick", "--device", "cpu", "--out", "some/dir", "--reps", "1"]
                for c in calls)
     out = capfd.readouterr().out

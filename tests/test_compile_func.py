@@ -169,6 +169,38 @@ def test_compiled_loss_with_the_backward_outside(backend):
         torch.testing.assert_close(p.grad, want_grads[name], **TOL[dtype], msg=name)
 
 
+def task_losses(model, x, y_class, y_value):
+    """``[2]``: each task's loss plus half its share of the DGR penalty (what AdaTask takes per task)."""
+    z = model.encoder(x)
+    task = torch.stack([nn.functional.cross_entropy(model.heads[0](z), y_class),
+                        nn.functional.mse_loss(model.heads[1](z), y_value)])
+    return task + 0.5 * model.dummy.per_task(z, [y_class, y_value])
+
+
+@pytest.mark.parametrize("backend", ("torch", "cpp"))
+def test_adatask_backward_through_a_compiled_forward(backend):
+    """AdaTask.backward takes K gradients through one graph (retain_graph): inductor's compiled backward must then
+    donate no buffer (``torch._functorch.config.donated_buffer = False``, as the README says); with that, two
+    compiled steps give eager's parameters."""
+    from dgr_fast import AdaTask
+
+    needs(backend)
+    dtype = torch.float64
+    models = [Model(HEADS["linear"], backend, dtype) for _ in range(2)]
+    opts = [AdaTask(list(m.encoder.parameters()), num_tasks=2, task_params=list(m.heads.parameters()), lr=1e-2)
+            for m in models]
+    compiled = torch._functorch.config.patch(donated_buffer=False)(
+        torch.compile(lambda *data: task_losses(models[1], *data), fullgraph=True))
+    for step in range(2):
+        data = batch(dtype)
+        for losses, opt in ((task_losses(models[0], *data), opts[0]), (compiled(*data), opts[1])):
+            opt.backward(losses)
+            opt.step()
+            opt.zero_grad()
+    for (name, want), got in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.func
 

@@ -210,21 +210,26 @@ def test_the_split_of_mtlsteps_gradient_sums_to_it(method):
                                    rtol=1e-10, atol=1e-12)
 
 
+def adam_run(aggregator, run) -> tuple[Net, TaskDominance]:
+    """Four Adam steps of MTLStep with ``aggregator`` on losses that conflict (one negated, for PCGrad to project),
+    each step being ``run(tracker, step, losses)``; the global generator seeded first (GradDrop draws from it)."""
+    net = Net()
+    shared, heads = list(net.encoder.parameters()), list(net.heads.parameters())
+    opt = torch.optim.Adam(shared + heads, lr=1e-2)
+    step = MTLStep(shared, heads, opt, aggregator=aggregator)
+    tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K)
+    torch.manual_seed(5)
+    for t in range(4):
+        x, y = batch(t)
+        run(tracker, step, net.losses(x, y, scales=(1.0, -1.0, 0.5))[0])
+    return net, tracker
+
+
 @pytest.mark.parametrize("aggregator", [PCGrad, GradDrop])
 def test_tracking_leaves_a_random_aggregators_training_as_it_was(aggregator):
-    results = []
-    for track in (False, True):
-        net = Net()
-        shared, heads = list(net.encoder.parameters()), list(net.heads.parameters())
-        opt = torch.optim.Adam(shared + heads, lr=1e-2)
-        step = MTLStep(shared, heads, opt, aggregator=aggregator())
-        tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K)
-        torch.manual_seed(5)  # the aggregator draws from the global generator
-        for t in range(4):
-            x, y = batch(t)
-            losses = net.losses(x, y, scales=(1.0, -1.0, 0.5))[0]  # a negated loss: conflicts for PCGrad to project
-            tracker.step(step, losses) if track else step.step(losses)
-        results.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    nets = [adam_run(aggregator(), lambda tracker, step, losses: step.step(losses))[0],
+            adam_run(aggregator(), TaskDominance.step)[0]]
+    results = [torch.cat([p.detach().reshape(-1) for p in net.parameters()]) for net in nets]
     assert torch.equal(results[0], results[1])
 
 
@@ -252,19 +257,7 @@ def recomputing_step(tracker: TaskDominance, step: MTLStep, losses: list[torch.T
 @pytest.mark.parametrize("aggregator", [lambda: PCGrad(torch.Generator().manual_seed(4)), CAGrad,
                                         lambda: GradDrop(leak=0.2)], ids=["pcgrad", "cagrad", "graddrop"])
 def test_mtlsteps_own_gradients_give_the_au_of_taking_them_again_bit_for_bit(aggregator):
-    au = []
-    for hook in (True, False):
-        net = Net()
-        shared, heads = list(net.encoder.parameters()), list(net.heads.parameters())
-        opt = torch.optim.Adam(shared + heads, lr=1e-2)
-        step = MTLStep(shared, heads, opt, aggregator=aggregator())
-        tracker = TaskDominance(net.encoder.named_parameters(prefix="encoder"), opt, K)
-        torch.manual_seed(7)  # GradDrop draws from the global generator
-        for t in range(4):
-            x, y = batch(t)
-            losses = net.losses(x, y, scales=(1.0, -1.0, 0.5))[0]
-            tracker.step(step, losses) if hook else recomputing_step(tracker, step, losses)
-        au.append(tracker.au())
+    au = [adam_run(aggregator(), run)[1].au() for run in (TaskDominance.step, recomputing_step)]
     for name in au[0]:
         assert torch.equal(au[0][name], au[1][name]), name
 
