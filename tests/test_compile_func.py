@@ -111,9 +111,15 @@ def module_head():
     return nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3))
 
 
+def mlp_head():
+    """Linear-ReLU-Linear: DummyHeads takes dgr_mlp_penalty's closed form for it."""
+    return nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
 HEADS = {
     "linear": [DummyTask("ce", 3), DummyTask("mse", 2)],
     "module": [DummyTask("ce", 3, head=module_head), DummyTask("mse", 2)],
+    "mlp": [DummyTask("ce", 3, head=mlp_head), DummyTask("mse", 2)],
 }
 
 
@@ -140,7 +146,7 @@ def eager_step(model, data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend", ("torch", "reference", "cpp"))
-@pytest.mark.parametrize("heads", ["linear", "module"])
+@pytest.mark.parametrize("heads", list(HEADS))
 def test_training_step_compiles_in_one_graph_with_eagers_results(heads, backend, dtype):
     needs(backend)
     model, data = Model(HEADS[heads], backend, dtype), batch(dtype)
