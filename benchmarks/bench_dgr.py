@@ -227,9 +227,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _upsampled():
-    return lambda s, target: torch.nn.functional.interpolate(s, size=target.shape[-2:], mode="bilinear",
-                                                             align_corners=True)
+def upsample_to(s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The head output at the target's size (the DGR authors' bilinear upsampling): a dense task's transform."""
+    return torch.nn.functional.interpolate(s, size=target.shape[-2:], mode="bilinear", align_corners=True)
 
 
 def module_head_cases(device: str, quick: bool, which: list[str]) -> list[tuple[str, dict, dict]]:
@@ -244,7 +244,7 @@ def module_head_cases(device: str, quick: bool, which: list[str]) -> list[tuple[
                           dict(features=torch.randn(n, 2048, generator=g).to(device), targets=ys, masks={})))
     if "deeplab" in which:
         n, h, w = (1, 6, 8) if quick else (2, 24, 32)
-        up = _upsampled()
+        up = upsample_to
         tasks = {"seg": DummyTask("ce", 13, ignore_index=-1, head=lambda: DeepLabHead(64, 13), transform=up),
                  "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(64, 1), transform=up),
                  "normal": DummyTask("l1", 3, reduction="row_mean", transform=up,
@@ -285,7 +285,7 @@ def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_s
             penalty = module_penalty(z, heads, fns)
         else:
             # linear heads have no transform: on dense tasks they read the features upsampled to the targets' size
-            read = z if provider != "linear" or z.dim() == 2 else _upsampled()(z, inputs["targets"]["seg"])
+            read = z if provider != "linear" or z.dim() == 2 else upsample_to(z, inputs["targets"]["seg"])
             penalty = dummy(read, inputs["targets"], masks=inputs["masks"])
         return penalty.detach(), torch.autograd.grad(penalty, z)[0]
     return penalty_and_grad

@@ -38,6 +38,11 @@ PAPER_OPTIMIZER: dict[str, dict[str, Any]] = {
 }
 
 
+def paper_optimizer(args: argparse.Namespace) -> dict[str, Any]:
+    """The optimizer settings ``--paper-setting`` fixes for the data set (empty without the flag)."""
+    return PAPER_OPTIMIZER.get(args.dataset, {}) if args.paper_setting else {}
+
+
 class CLIError(Exception):
     """Bad arguments or data: printed as one line, exit status 2."""
 
@@ -162,7 +167,7 @@ def _specs(args: argparse.Namespace, defaults: dict[str, Any]) -> list:
     single = any(v not in (None, False) for v in (args.method, args.dgr, args.optimizer, args.sam, args.meta))
     if args.compare and args.meta:
         raise CLIError("--meta and --compare: write meta into a spec instead (e.g. --compare ew,meta)")
-    paper = PAPER_OPTIMIZER.get(args.dataset, {}) if args.paper_setting else {}
+    paper = paper_optimizer(args)
     optimizer = args.optimizer or paper.get("optimizer", "adam")
     dgr = args.dgr if args.dgr else defaults["dgr"]
     sam = args.sam if args.sam else 2.0  # TaskSAM's default radius (the authors' adaptive-form value)
@@ -378,7 +383,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
                             test_size=args.test_size, **options)
     except TypeError as err:  # an option this data set does not take
         raise CLIError(str(err)) from None
-    paper = PAPER_OPTIMIZER.get(args.dataset, {}) if args.paper_setting else {}
+    paper = paper_optimizer(args)
     settings = TrainSettings(
         epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
         lr=args.lr or paper.get("lr", defaults["lr"]), device=str(device), seed=args.seed,

@@ -350,14 +350,24 @@ class DummyHeads(nn.Module):
         if not (self.training and self.resample_mode == "step"):
             yield
             return
-        buffers = list(self.buffers())
-        saved = [b.clone() for b in buffers], self.generator.get_state(), self._drawn_in_sync
-        self.resample()
+        with self._all_or_nothing():
+            self.resample()
+            yield
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Put the heads (the buffers' values and objects), the generator state and the sync flag back if the body
+        raises: a refused forward or checkpoint leaves the module as it was."""
+        owners = [(module, name, buf) for module in self.modules() for name, buf in module._buffers.items()
+                  if buf is not None]
+        saved = [buf.clone() for _, _, buf in owners], self.generator.get_state(), self._drawn_in_sync
         try:
             yield
         except BaseException:
             with torch.no_grad():
-                torch._foreach_copy_(buffers, saved[0])
+                for (module, name, buf), value in zip(owners, saved[0]):
+                    module._buffers[name] = buf  # load_state_dict(assign=True) may have swapped the object
+                    buf.copy_(value)
             self.generator.set_state(saved[1])
             self._drawn_in_sync = saved[2]
             raise
@@ -531,19 +541,8 @@ class DummyHeads(nn.Module):
         and the buffers' identities are put back before the error propagates."""
         if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
             raise TypeError("DummyHeads.load_state_dict: expected a mapping with str keys (a state_dict)")
-        owners = [(module, name, buf) for module in self.modules() for name, buf in module._buffers.items()
-                  if buf is not None]
-        saved = [buf.clone() for _, _, buf in owners], self.generator.get_state(), self._drawn_in_sync
-        try:
+        with self._all_or_nothing():
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except BaseException:
-            with torch.no_grad():
-                for (module, name, buf), value in zip(owners, saved[0]):
-                    module._buffers[name] = buf  # assign=True may have swapped the object
-                    buf.copy_(value)
-            self.generator.set_state(saved[1])
-            self._drawn_in_sync = saved[2]
-            raise
 
     def get_extra_state(self) -> dict:
         return {"generator_state": self.generator.get_state()}
