@@ -21,16 +21,38 @@ from dgr_cases import make_case
 from dgr_fast import DummyHeads, dgr_penalty
 from dgr_fast.backends import ENV_VAR, backend_status
 from dgr_fast.dummy_heads import DummyTask
+from dgr_fast.ops.dgr_penalty import DTYPES, dgr_penalty_backend
 
 FUNC_BACKENDS = ("torch", "reference")
-FUSED_BACKENDS = ("cpp", "triton")
+FUSED_BACKENDS = ("cpp", "triton", "cuda")
+BACKENDS = (*FUNC_BACKENDS, *FUSED_BACKENDS)
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-def needs(backend: str) -> None:
+def needs(backend: str, dtype: torch.dtype | None = None) -> None:
     status = backend_status(backend)
     if not status.available:
         pytest.skip(f"backend {backend!r} does not run here: {status.reason}")
+    if dtype is not None and dtype not in DTYPES.get(backend, (dtype,)):  # torch, reference: any floating dtype
+        pytest.skip(f"backend {backend!r} does not take {dtype}")
+
+
+def device_for(backend: str) -> str:
+    """CUDA tensors for the GPU backends where a GPU is (Triton takes CPU tensors only in its interpreter)."""
+    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+
+
+def on_device(case: dict, backend: str) -> dict:
+    """``case`` on ``backend``'s device, in fp32 where the backend has no fp64 (``cuda``)."""
+    dtype = case["features"].dtype
+    dtype = dtype if dtype in DTYPES.get(backend, (dtype,)) else torch.float32
+    device = device_for(backend)
+
+    def move(t):
+        return t if t is None else t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    return {k: [move(t) for t in v] if k in ("weights", "biases", "targets", "masks") else
+            move(v) if k == "features" else v for k, v in case.items()}
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +90,10 @@ def assert_one_graph(f, *args) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", ("torch", "reference", "cpp", "triton"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_penalty_compiles_in_one_graph_with_eagers_results(backend, dtype):
-    needs(backend)
-    case = make_case((3, 6, 5), dtype=dtype, seed=1)
+    needs(backend, dtype)
+    case = on_device(make_case((3, 6, 5), dtype=dtype, seed=1), backend)
     f = penalty_fn(case, backend, norm="l2")
     assert_one_graph(f, case["features"], *case["targets"])
     want, want_grad = value_and_grad(f, case["features"], case["targets"])
@@ -132,10 +154,11 @@ def step_inside(model):
     return step
 
 
-def batch(dtype):
+def batch(dtype, device="cpu"):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(10, 5, generator=g, dtype=dtype), torch.randint(0, 3, (10,), generator=g), \
-        torch.randn(10, 2, generator=g, dtype=dtype)
+    return tuple(t.to(device) for t in (torch.randn(10, 5, generator=g, dtype=dtype),
+                                         torch.randint(0, 3, (10,), generator=g),
+                                         torch.randn(10, 2, generator=g, dtype=dtype)))
 
 
 def eager_step(model, data):
@@ -145,11 +168,11 @@ def eager_step(model, data):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", ("torch", "reference", "cpp"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("heads", list(HEADS))
 def test_training_step_compiles_in_one_graph_with_eagers_results(heads, backend, dtype):
-    needs(backend)
-    model, data = Model(HEADS[heads], backend, dtype), batch(dtype)
+    needs(backend, dtype)
+    model, data = Model(HEADS[heads], backend, dtype).to(device_for(backend)), batch(dtype, device_for(backend))
     want, want_grads = eager_step(copy.deepcopy(model), data)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         assert_one_graph(step_inside(model), *data)
@@ -160,12 +183,12 @@ def test_training_step_compiles_in_one_graph_with_eagers_results(heads, backend,
         torch.testing.assert_close(p.grad, want_grads[name], **TOL[dtype], msg=name)
 
 
-@pytest.mark.parametrize("backend", ("torch", "reference", "cpp"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_loss_with_the_backward_outside(backend):
     """The usual split: the loss compiled in one graph, ``loss.backward()`` runs its compiled backward."""
     needs(backend)
     dtype = torch.float32
-    model, data = Model(HEADS["linear"], backend, dtype), batch(dtype)
+    model, data = Model(HEADS["linear"], backend, dtype).to(device_for(backend)), batch(dtype, device_for(backend))
     want, want_grads = eager_step(copy.deepcopy(model), data)
     assert_one_graph(model.loss, *data)
     got = torch.compile(model.loss, fullgraph=True)(*data)
@@ -293,6 +316,17 @@ def test_forward_over_reverse_hessian_vector_product(backend):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", FUNC_BACKENDS)
+def test_a_transform_inside_a_compiled_function_on_a_named_backend(backend):
+    """torch.compile(torch.func.grad(f)): dynamo runs the transform itself, which dgr_penalty cannot see, so the
+    backend must be named (README); named, the compiled gradient is eager's."""
+    case = fp64_case()
+    f = penalty_fn(case, backend)
+    want = torch.func.grad(f)(case["features"], *case["targets"])
+    got = torch.compile(torch.func.grad(f), fullgraph=True)(case["features"], *case["targets"])
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
 def transforms(f, case):
     z, targets = case["features"], case["targets"]
     return {
@@ -306,7 +340,7 @@ def transforms(f, case):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_fused_backends_refuse_transforms_naming_the_ones_that_work(backend, transform):
     needs(backend)
-    case = fp64_case()
+    case = on_device(fp64_case(), backend)
     with pytest.raises(RuntimeError, match=rf"dgr_penalty\(backend='{backend}'\) \(backend=\) does not support "
                                            r"torch.func transforms .*use backend='torch' \(or backend='reference'\)"):
         transforms(penalty_fn(case, backend), case)[transform]()
@@ -322,7 +356,9 @@ def test_backend_from_the_environment_is_named_in_the_refusal(monkeypatch):
 
 @pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
 def test_automatic_choice_under_a_transform_is_the_torch_backends(transform, monkeypatch):
+    needs("cpp")
     monkeypatch.delenv(ENV_VAR, raising=False)
     case = fp64_case()
+    assert dgr_penalty_backend("cpu", torch.float64) == "cpp"  # outside a transform the choice is the fused one
     got, want = (transforms(penalty_fn(case, backend), case)[transform]() for backend in (None, "torch"))
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -294,6 +294,9 @@ class TaskDominance:
             info = run()
         finally:
             runner.observer = previous
+        if len(kept) != 1:
+            raise RuntimeError(f"{type(runner).__name__}.step called its observer {len(kept)} times (once expected): "
+                               "nothing was tracked for this step")
         self.observe(kept[0])
         return info
 

@@ -37,7 +37,9 @@ sum over tasks are applied afterwards in differentiable torch ops, so a learnabl
 graph (``RuntimeError`` rather than ``ValueError``, without the index). ``torch.func`` transforms (``grad``,
 ``vmap``, ``jvp`` and their compositions) run the ``torch`` backend as plain differentiable ops (autograd, or
 forward-mode AD, through the closed form of pass 1, rather than ``_TorchPenalty``'s recomputing backward) and the
-``reference`` backend as ``torch.func.grad`` of each task's loss; the fused backends refuse them, naming these two.
+``reference`` backend as ``torch.func.grad`` of each task's loss (``reference.linear_penalties``); the fused
+backends refuse them, naming these two. A transform inside a compiled function is not detected (dynamo runs its own
+transform machinery while tracing): there, name ``backend='torch'`` or ``'reference'``.
 """
 
 from __future__ import annotations
@@ -788,7 +790,7 @@ def dgr_penalty_per_task(
         codes = [LOSS_CODES[loss] for loss in losses]
         row_validity(targets, masks, ignore_index, codes, [0, *itertools.accumulate(w.shape[0] for w in weights)])
         acc = accumulation_dtype(features.dtype)
-        return _reference_penalties(
+        return ref.linear_penalties(
             features.to(acc), [w.to(acc) for w in weights], [None if b is None else b.to(acc) for b in biases],
             targets, losses, masks, ignore_index, reductions,
         )
@@ -808,24 +810,6 @@ def dgr_penalty_per_task(
     if torch.compiler.is_compiling():
         return _fused_fwd(p.z3, *args)[0]
     return _FusedPenalty.apply(features, p.z3.detach(), *args)
-
-
-def _reference_penalties(features, weights, biases, targets, losses, masks, ignore_index, reductions) -> Tensor:
-    """The ``reference`` backend: per task ``||d L_k / d (W_k, b_k)||^2``, the gradient taken by autograd through
-    ``reference.dgr``'s ``linear_head`` and ``task_loss``, as ``reference.linear_penalties`` takes it, but with
-    ``torch.func.grad`` instead of ``autograd.grad`` on fresh leaves: functional, so torch.compile traces it and
-    torch.func transforms compose with it (neither takes ``requires_grad_()`` inside), and still differentiable
-    w.r.t. the features to any order."""
-    penalties = []
-    for k, (w, b) in enumerate(zip(weights, biases)):
-        def loss(params: tuple[Tensor, ...], k: int = k) -> Tensor:
-            logits = ref.linear_head(features, params[0], params[1] if len(params) > 1 else None)
-            return ref.task_loss(logits, targets[k], losses[k], mask=masks[k], ignore_index=ignore_index[k],
-                                 reduction=reductions[k])
-
-        params = (w.detach(),) if b is None else (w.detach(), b.detach())
-        penalties.append(sum(g.square().sum() for g in torch.func.grad(loss)(params)))
-    return torch.stack(penalties)
 
 
 def apply_norm(penalty: Tensor, norm: str) -> Tensor:

@@ -6,6 +6,7 @@ Shin, Do, Son, ECCV 2024 (arXiv 2409.16651). The penalty of task k is the square
 - `task_loss` builds one task's loss exactly as the library defines it (docs/DESIGN.md section 4).
 - `head_penalties` is the exact per-task penalty for any dummy heads (linear or `nn.Module`), by
   `torch.autograd.grad(..., create_graph=True)`: differentiable w.r.t. the features to any order.
+- `linear_penalties` is the same for linear heads by `torch.func.grad`, which torch.compile and torch.func take.
 - `finite_difference_features_grad` is the estimate the authors' code uses for the encoder gradient.
 """
 
@@ -128,17 +129,21 @@ def linear_penalties(
     ignore_index: Sequence[int],
     reductions: Sequence[str],
 ) -> Tensor:
-    """Per-task penalty ``[K]`` for linear dummy heads (the ``reference`` backend of ``dgr_penalty``)."""
-    head_fns, params, loss_fns = [], [], []
+    """Per-task penalty ``[K]`` for linear dummy heads (the ``reference`` backend of ``dgr_penalty``):
+    ``||d L_k / d (W_k, b_k)||^2`` with the gradient taken by ``torch.func.grad`` rather than ``head_penalties``'
+    ``autograd.grad`` on fresh leaves. The same numbers, but functional: torch.compile traces it and torch.func
+    transforms compose with it (neither takes ``requires_grad_()`` inside); differentiable w.r.t. the features to
+    any order."""
+    penalties = []
     for k, (w, b) in enumerate(zip(weights, biases)):
-        head_fns.append(lambda ps: linear_head(features, ps[0], ps[1] if len(ps) > 1 else None))
-        params.append([w] if b is None else [w, b])
-        loss_fns.append(
-            lambda s, k=k: task_loss(
-                s, targets[k], losses[k], mask=masks[k], ignore_index=ignore_index[k], reduction=reductions[k]
-            )
-        )
-    return head_penalties(head_fns, params, loss_fns)
+        def loss(params: tuple[Tensor, ...], k: int = k) -> Tensor:
+            logits = linear_head(features, params[0], params[1] if len(params) > 1 else None)
+            return task_loss(logits, targets[k], losses[k], mask=masks[k], ignore_index=ignore_index[k],
+                             reduction=reductions[k])
+
+        params = (w.detach(),) if b is None else (w.detach(), b.detach())
+        penalties.append(sum(g.square().sum() for g in torch.func.grad(loss)(params)))
+    return torch.stack(penalties)
 
 
 def head_parameters(head: nn.Module) -> tuple[list[str], list[Tensor]]:
