@@ -9,7 +9,7 @@
 #
 # It uses the Python that already has torch with CUDA (PYTHON, default python3) and installs nothing but the package
 # itself (no network needed). Each phase has a time limit in seconds (PHASE_LIMITS, in the order of the phases env,
-# build, tests, dgr, adatask, step; default "30 180 120 120 60 60", 9.5 minutes in all), so that a hang or a slow
+# build, tests, dgr, adatask, step; default "30 180 180 100 50 50", 9 minutes 50 s in all), so that a hang or a slow
 # benchmark still leaves the others' results (a benchmark stopped at its limit loses its own table: it prints it at
 # the end); the exit status is the first failing phase's. PHASES chooses phases (default: all six, in order).
 # DGR_FAST_CHECK_DEVICE=cpu runs the same steps on a machine without a GPU (the GPU tests skip, every benchmark runs
@@ -20,7 +20,7 @@ RESULTS=${1:-benchmarks/out/gpu}
 ARCHIVE=${2:-}
 PY=${PYTHON:-python3}
 DEVICE=${DGR_FAST_CHECK_DEVICE:-cuda}
-read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_DGR LIMIT_ADATASK LIMIT_STEP <<<"${PHASE_LIMITS:-30 180 120 120 60 60}"
+read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_DGR LIMIT_ADATASK LIMIT_STEP <<<"${PHASE_LIMITS:-30 180 180 100 50 50}"
 PHASES=${PHASES:-env build tests dgr adatask step}
 QUICK=${QUICK:-adatask step}
 [ "$DEVICE" = cuda ] || QUICK="dgr adatask step"
@@ -69,7 +69,9 @@ build() {
 
 tests() {
   "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_dgr_cuda.py tests/test_dgr_triton.py tests/test_dgr_penalty.py \
-    tests/test_adatask.py tests/test_aggregators.py
+    tests/test_adatask.py tests/test_aggregators.py || return
+  # torch.compile and torch.func on the GPU backends (CUDA tensors there); the CPU cases ran in CI already
+  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_compile_func.py -k "cuda or triton"
 }
 
 bench() {  # bench NAME: benchmarks/bench_NAME.py on DEVICE, --quick where QUICK names it
