@@ -3,7 +3,8 @@
 
 - differential: every available backend of ``dgr_penalty`` and ``DummyHeads`` against ``reference`` on random valid
   problems (dtypes, odd sizes, strides, masks, ignore_index, every loss and reduction, several dummy sets): the value
-  and the gradient w.r.t. the features, and a second derivative either right or refused;
+  and the gradient w.r.t. the features, and a second derivative either right or refused; ``torch.func`` grad and
+  vmap against plain autograd on the two backends that take transforms;
 - state atomicity: ``load_state_dict`` of ``AdaTask`` and ``DummyHeads`` with a corrupted state dict, failing
   ``AdaTask.step`` calls and failing ``DummyHeads`` forwards succeed or raise a clear error, and a failure leaves the
   object bit for bit as it was;
@@ -136,6 +137,30 @@ def test_dgr_penalty_matches_reference(backend, problem):
 @given(problem=dgr_problems(max_rows=16, max_width=9))
 def test_dgr_penalty_triton_matches_reference(backend, problem):
     check_against_reference(backend, *problem)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@settings(max_examples=share(0.5))
+@given(problem=dgr_problems(max_rows=16, max_width=9))
+def test_func_transforms_match_autograd(backend, problem):
+    """torch.func.grad_and_value and vmap (over two feature tensors) of the penalty equal plain autograd's value and
+    gradient on the same backend: the transformed path (its own row packing, no up-front index check) computes the
+    same problem."""
+    case, options = problem
+    dtype = case["features"].dtype
+    kwargs = {k: v for k, v in case.items() if k != "features"}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return dgr_penalty(z, **kwargs, backend=backend, **options)
+
+    want = penalty_and_grad(dgr_penalty, case, backend=backend, **options)
+    grad, value = torch.func.grad_and_value(f)(case["features"])
+    close(value, want[0], dtype)
+    close(grad, want[1], dtype)
+    scaled = 1.5 * case["features"]
+    batched = torch.func.vmap(f)(torch.stack([case["features"], scaled]))
+    close(batched[0], want[0], dtype)
+    close(batched[1], f(scaled), dtype)
 
 
 def hessian_vector(case: dict, options: dict, backend: str, seed: int) -> torch.Tensor:

@@ -361,7 +361,7 @@ def _residual_rows(s: Tensor, y: Tensor, labels: Sequence[Tensor | None], omega:
         if code == LOSS_CODES["ce"]:
             p = torch.softmax(seg, dim=1)
             if u is None:
-                onehot = torch.zeros_like(seg).scatter_(1, labels[t][:, None], 1.0)
+                onehot = torch.zeros_like(seg).scatter(1, labels[t][:, None], 1.0)  # out of place: vmap batches it
                 val = p - onehot
             else:
                 us = u[:, c0:c1]
