@@ -203,6 +203,28 @@ def test_finite_difference_estimator_is_the_authors_bit_for_bit(h):
         dummy.per_task(z, ys)
 
 
+@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
+def test_channels_last_heads_and_features_give_the_same_penalty(estimator):
+    """A model in channels_last (a common speed setting for convolutions): the heads' gradients are then not
+    viewable as flat vectors, which the estimate's norm once assumed."""
+    targets, masks = dense_problem()
+    z = torch.randn(2, D, 3, 4, dtype=torch.float64)
+    results = []
+    for channels_last in (False, True):
+        dummy = DummyHeads(None, DENSE_TASKS, seed=3, estimator=estimator, dtype=torch.float64)
+        features = z.clone()
+        if channels_last:
+            dummy, features = dummy.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+            assert dummy.modules_["set0_task0"][0].weight.is_contiguous(memory_format=torch.channels_last)
+        features.requires_grad_(True)
+        value = dummy(features, targets, masks=masks)
+        results.append((value, torch.autograd.grad(value, features)[0]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
+    # another summation order in the convolutions; the estimate's 1/h^2 magnifies that rounding ~1e6 times
+    scale = float(results[0][1].abs().max()) * (1e-6 if estimator == "finite_difference" else 1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=scale)
+
+
 def test_head_mode_train_uses_batch_statistics_and_moves_no_running_statistic():
     targets, masks = dense_problem(2)
     z = torch.randn(2, D, 3, 4, dtype=torch.float64)

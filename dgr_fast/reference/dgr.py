@@ -236,7 +236,7 @@ def finite_difference_features_grad(
     d = [torch.zeros_like(p) if g is None else g for g, p in zip(d, flat)]
     grad = [torch.zeros_like(z) if g is None else g
             for g, z in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
-    norm = torch.cat([w.view(-1) for w in d]).norm(2)
+    norm = torch.cat([w.reshape(-1) for w in d]).norm(2)  # reshape: a channels_last head's gradient is no view
     if norm == 0:
         zeros = tuple(torch.zeros_like(f) for f in distinct)
         return norm.square().detach(), zeros if per_head else zeros[0]
