@@ -115,12 +115,12 @@ def test_compiled_penalty_refuses_a_bad_class_index_when_it_runs():
 class Model(nn.Module):
     """An encoder, two task heads and the dummy heads of both tasks: ``loss(x, y)`` is the training loss."""
 
-    def __init__(self, dummy_tasks, backend: str, dtype: torch.dtype) -> None:
+    def __init__(self, dummy_tasks, backend: str, dtype: torch.dtype, resample: str = "never") -> None:
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
         self.heads = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 2)])
-        self.dummy = DummyHeads(8, dummy_tasks, seed=0, backend=backend, dtype=dtype)
+        self.dummy = DummyHeads(8, dummy_tasks, seed=0, backend=backend, dtype=dtype, resample=resample)
         self.to(dtype)
 
     def loss(self, x, y_class, y_value):
@@ -196,6 +196,19 @@ def test_compiled_loss_with_the_backward_outside(backend):
     torch.testing.assert_close(got.detach(), want, **TOL[dtype])
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[name], **TOL[dtype], msg=name)
+
+
+def test_resample_step_under_compile_breaks_the_graph_and_keeps_eagers_draws():
+    """resample="step" draws from a torch.Generator, which dynamo does not trace (README): the compiled forward
+    breaks the graph around the draw but draws as eager does, step after step."""
+    models = [Model(HEADS["linear"], "torch", torch.float64, resample="step") for _ in range(2)]
+    data = batch(torch.float64)
+    assert torch._dynamo.explain(models[1].loss)(*data).graph_break_count > 0
+    models[1].dummy.load_state_dict(models[0].dummy.state_dict())  # explain drew once: start both alike
+    compiled = torch.compile(models[1].loss)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(*data), models[0].loss(*data), rtol=1e-12, atol=0)
+        assert torch.equal(models[1].dummy.weight, models[0].dummy.weight)
 
 
 def task_losses(model, x, y_class, y_value):
