@@ -125,7 +125,8 @@ class Model(nn.Module):
 
     def loss(self, x, y_class, y_value):
         z = self.encoder(x)
-        task = nn.functional.cross_entropy(self.heads[0](z), y_class) + nn.functional.mse_loss(self.heads[1](z), y_value)
+        task = (nn.functional.cross_entropy(self.heads[0](z), y_class)
+                + nn.functional.mse_loss(self.heads[1](z), y_value))
         return task + 0.5 * self.dummy(z, [y_class, y_value])
 
 
@@ -289,9 +290,10 @@ def test_vmap_gives_each_problems_penalty_and_gradient(backend):
     args = (stacked["features"], stacked["targets"], stacked["masks"])
     dims = (0, 0, [None if m is None else 0 for m in stacked["masks"]])  # vmap takes no dim of a missing mask
     want = [value_and_grad(lambda z, *t, c=c: f(z, list(t), c["masks"]), c["features"], c["targets"]) for c in cases]
-    torch.testing.assert_close(torch.func.vmap(f, in_dims=dims)(*args), torch.stack([v for v, _ in want]), rtol=1e-11, atol=1e-13)
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f), in_dims=dims)(*args), torch.stack([g for _, g in want]),
+    torch.testing.assert_close(torch.func.vmap(f, in_dims=dims)(*args), torch.stack([v for v, _ in want]),
                                rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f), in_dims=dims)(*args),
+                               torch.stack([g for _, g in want]), rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("backend", FUNC_BACKENDS)

@@ -214,7 +214,8 @@ def test_channels_last_heads_and_features_give_the_same_penalty(estimator):
         dummy = DummyHeads(None, DENSE_TASKS, seed=3, estimator=estimator, dtype=torch.float64)
         features = z.clone()
         if channels_last:
-            dummy, features = dummy.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+            dummy = dummy.to(memory_format=torch.channels_last)
+            features = z.contiguous(memory_format=torch.channels_last)
             assert dummy.modules_["set0_task0"][0].weight.is_contiguous(memory_format=torch.channels_last)
         features.requires_grad_(True)
         value = dummy(features, targets, masks=masks)

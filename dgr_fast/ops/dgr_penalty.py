@@ -1,8 +1,9 @@
 """The DGR penalty for linear (1x1-convolution) dummy heads: checks, packing, backends and autograd.
 
-docs/DESIGN.md (the DGR penalty for linear dummy heads) has the math. Every task's head is stacked into one ``[C, D]`` matrix (``C = sum_k C_k``) and
-the features are read as ``z3 = [B, D, P]`` (rows are ``(b, p)`` pairs; ``[N, D]`` is ``[N, D, 1]``), without a copy
-where the spatial dims are mergeable. Per row ``i`` and column ``c`` of task ``t``:
+docs/DESIGN.md (the DGR penalty for linear dummy heads) has the math. Every task's head is stacked into one
+``[C, D]`` matrix (``C = sum_k C_k``) and the features are read as ``z3 = [B, D, P]`` (rows are ``(b, p)`` pairs;
+``[N, D]`` is ``[N, D, 1]``), without a copy where the spatial dims are mergeable. Per row ``i`` and column ``c`` of
+task ``t``:
 
     s_i = W z_i + b                    r_ic = omega_it * dl/ds_ic          (omega: validity / n_t, folded in)
     G_W = sum_i r_i z_i^T,  G_b = sum_i r_i,   R_t = ||G_W[t]||^2 + ||G_b[t]||^2
@@ -322,7 +323,8 @@ def pack_rows(z3: Tensor, targets: Sequence[Tensor], valid: Sequence[Tensor | No
         # vmap cannot write batched targets into a fresh, unbatched tensor, nor torch.compile trace a strided out=:
         # concatenate the per-task pieces instead (inductor fuses them into one write anyway).
         y = torch.cat([torch.where(v, target, 0)[..., None].to(scales.dtype) if code == LOSS_CODES["ce"]
-                       else target.transpose(1, 2).to(scales.dtype) for code, target, v in zip(losses, targets, valid)], 2)
+                       else target.transpose(1, 2).to(scales.dtype)
+                       for code, target, v in zip(losses, targets, valid)], 2)
         omega = torch.stack([scales[k].expand(n, p) if v is None else v * scales[k] for k, v in enumerate(valid)], 2)
         return Rows(y.reshape(n * p, y_offsets[-1]), omega.reshape(n * p, len(losses)), y_offsets)
     # Rows in (b, p) order: y [B, P, Cy] and omega [B, P, T] are [R, Cy] and [R, T]; each task writes its columns
