@@ -15,8 +15,10 @@ is the time to allocate a features-sized tensor and write it once, the price of 
 ``--module-heads`` times the paper's non-linear dummy heads instead (``dgr_heads_<device>.csv``), penalty and its
 gradient w.r.t. the features through ``DummyHeads``: ``mlp``, Linear(2048,64)-ReLU-Linear(64,C)-ReLU heads on
 UTKFace's three tasks, the closed form (``ops/dgr_mlp_penalty.py``) against the generic double backward
-(``reference.module_penalty``) and the authors' finite-difference estimate; ``deeplab``, DeepLab heads on 64-channel
-features, outputs upsampled 8x (normals L2-normalised), the exact double backward against the estimate.
+(``reference.module_penalty``) and the authors' finite-difference estimate; ``deeplab``, DeepLab heads on the DGR
+authors' NYUv2 features (batch 4 of 2048 x 36 x 48: 288 x 384 crops, ResNet-50 at output stride 8) and on a small
+64-channel stand-in (2 x 64 x 24 x 32), outputs upsampled 8x (normals L2-normalised): ``DummyHeads``' exact penalty
+(convolutions cut to their live taps, ``ops/live_taps.py``), the generic double backward and the estimate.
 
 CPU peak memory is the rise of the resident set, which follows live memory only when freed blocks go back to the
 system, and times should see the allocator as a training loop does: ``run`` measures all memory first, then all times,
@@ -243,22 +245,27 @@ def module_head_cases(device: str, quick: bool, which: list[str]) -> list[tuple[
             cases.append((f"mlp heads N={n} D=2048 H=64", tasks,
                           dict(features=torch.randn(n, 2048, generator=g).to(device), targets=ys, masks={})))
     if "deeplab" in which:
-        n, h, w = (1, 6, 8) if quick else (2, 24, 32)
-        up = upsample_to
-        tasks = {"seg": DummyTask("ce", 13, ignore_index=-1, head=lambda: DeepLabHead(64, 13), transform=up),
-                 "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(64, 1), transform=up),
-                 "normal": DummyTask("l1", 3, reduction="row_mean", transform=up,
-                                     head=lambda: torch.nn.Sequential(DeepLabHead(64, 3), UnitNormal()))}
-        H, W = 8 * h, 8 * w
-        depth = torch.rand(n, 1, H, W, generator=g)
-        normal = torch.nn.functional.normalize(torch.randn(n, 3, H, W, generator=g), dim=1)
-        targets = {"seg": torch.randint(-1, 13, (n, H, W), generator=g), "depth": depth, "normal": normal}
-        masks = {"depth": depth.sum(1) != 0, "normal": normal.sum(1) != 0}
-        cases.append((f"deeplab heads {n}x64x{h}x{w} -> {H}x{W}", tasks,
-                      dict(features=torch.randn(n, 64, h, w, generator=g).to(device),
-                           targets={k: v.to(device) for k, v in targets.items()},
-                           masks={k: v.to(device) for k, v in masks.items()})))
+        for n, c, h, w in [(1, 64, 6, 8)] if quick else [(4, 2048, 36, 48), (2, 64, 24, 32)]:
+            cases.append(deeplab_case(g, device, n, c, h, w))
     return cases
+
+
+def deeplab_case(g: torch.Generator, device: str, n: int, c: int, h: int, w: int) -> tuple[str, dict, dict]:
+    """The DGR authors' NYUv2 tasks on DeepLab heads reading ``[n, c, h, w]`` features, targets 8x larger."""
+    up = upsample_to
+    tasks = {"seg": DummyTask("ce", 13, ignore_index=-1, head=lambda: DeepLabHead(c, 13), transform=up),
+             "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(c, 1), transform=up),
+             "normal": DummyTask("l1", 3, reduction="row_mean", transform=up,
+                                 head=lambda: torch.nn.Sequential(DeepLabHead(c, 3), UnitNormal()))}
+    H, W = 8 * h, 8 * w
+    depth = torch.rand(n, 1, H, W, generator=g)
+    normal = torch.nn.functional.normalize(torch.randn(n, 3, H, W, generator=g), dim=1)
+    targets = {"seg": torch.randint(-1, 13, (n, H, W), generator=g), "depth": depth, "normal": normal}
+    masks = {"depth": depth.sum(1) != 0, "normal": normal.sum(1) != 0}
+    return (f"deeplab heads {n}x{c}x{h}x{w} -> {H}x{W}", tasks,
+            dict(features=torch.randn(n, c, h, w, generator=g).to(device),
+                 targets={k: v.to(device) for k, v in targets.items()},
+                 masks={k: v.to(device) for k, v in masks.items()}))
 
 
 def _dummy(tasks: dict, provider: str, device: str, fd_step: float, in_features: int) -> DummyHeads:
@@ -277,7 +284,9 @@ def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_s
     ``(penalty, gradient)``."""
     dummy = _dummy(tasks, provider, device, fd_step, inputs["features"].shape[1])
     heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))] if provider == "generic" else []
-    fns = [lambda s, y=inputs["targets"][name], t=t: task_loss(s, y, t.loss) for name, t in tasks.items()]
+    fns = [lambda s, y=inputs["targets"][name], m=inputs["masks"].get(name), t=t: task_loss(
+        t.transform(s, y) if t.transform else s, y, t.loss, mask=m, ignore_index=t.ignore_index, reduction=t.reduction)
+        for name, t in tasks.items()]
 
     def penalty_and_grad():
         z = inputs["features"].detach().requires_grad_(True)
@@ -298,7 +307,10 @@ def run_module_heads(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
     rows = []
     for name, tasks, inputs in module_head_cases(args.device, args.quick, args.module_heads):
-        providers = ["closed", "generic", "fd", "linear"] if name.startswith("mlp") else ["exact", "fd", "linear"]
+        providers = ["closed" if name.startswith("mlp") else "exact", "generic", "fd", "linear"]
+        z = inputs["features"]
+        if z.dim() == 4 and z.numel() * z.element_size() * 64 > 2**30:
+            providers.remove("linear")  # linear heads read the features upsampled 8x: 3.6 GB at the authors' shape
         steps = {p: module_head_step(tasks, inputs, p, args.device, args.fd_step) for p in providers}
         times = {p: median_time(step, args.device, args.min_time, args.max_reps) for p, step in steps.items()}
         results = {p: step() for p, step in steps.items()}

@@ -3,7 +3,8 @@
 Linear heads (the default, and any ``nn.Linear`` / 1x1 ``nn.Conv2d`` a head factory builds) take the fused
 ``dgr_penalty``; two-layer MLP heads on row features take the closed form of ``dgr_mlp_penalty``; any other module
 (a DeepLab head, a head with a ``transform`` such as an upsampling) takes the exact penalty by autograd double
-backward, or the authors' finite-difference estimate when asked for.
+backward, its convolutions cut to the kernel taps that read the input (``ops.live_taps``: a DeepLab head's dilated
+ASPP taps that fall in the padding), or the authors' finite-difference estimate when asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from dgr_fast.distributed import Sync, check_process_group, same_random_draws, sync_for
 from dgr_fast.ops.dgr_mlp_penalty import mlp_head_of, mlp_penalty_per_task
 from dgr_fast.ops.dgr_penalty import LOSS_CODES, NORMS, apply_norm, dgr_penalty_per_task, weighted_sum
+from dgr_fast.ops.live_taps import skip_dead_taps
 from dgr_fast.reference.dgr import (REDUCTIONS, finite_difference_features_grad, head_penalties, linear_head,
                                    module_head_fns, task_loss, task_loss_sum)
 
@@ -452,7 +454,8 @@ class DummyHeads(nn.Module):
                     out[s][k] = value
         generic = [k for k in range(K) if out[0][k] is None]
         if generic:
-            with self._head_mode():
+            # the estimate below reproduces the authors' convolutions; the exact penalty may drop their dead taps
+            with self._head_mode(), skip_dead_taps():
                 for s in range(self.num_sets):
                     values = self._module_penalties(s, generic, feats, targets, masks, sync)
                     for k, value in zip(generic, values.unbind()):

@@ -159,9 +159,11 @@ def test_dgr_module_heads_rows(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert {(r["shape"].split()[0], r["provider"]) for r in rows} == {
         ("mlp", "closed"), ("mlp", "generic"), ("mlp", "fd"), ("mlp", "linear"), ("deeplab", "exact"),
-        ("deeplab", "fd"), ("deeplab", "linear")}
+        ("deeplab", "generic"), ("deeplab", "fd"), ("deeplab", "linear")}
     assert all(float(r["ms"]) > 0 and float(r["penalty"]) > 0 for r in rows)
     fd = [r for r in rows if r["provider"] == "fd"]
     assert all(float(r["fd_over_this"]) == 1.0 and float(r["grad_rel_err"]) >= 0 for r in fd)
-    closed, generic = (next(r for r in rows if r["provider"] == p) for p in ("closed", "generic"))
-    assert float(closed["penalty"]) == pytest.approx(float(generic["penalty"]), rel=1e-5)
+    for heads, default in (("mlp", "closed"), ("deeplab", "exact")):  # the same penalty, another route
+        mine, generic = (next(r for r in rows if r["shape"].startswith(heads) and r["provider"] == p)
+                         for p in (default, "generic"))
+        assert float(mine["penalty"]) == pytest.approx(float(generic["penalty"]), rel=1e-5)

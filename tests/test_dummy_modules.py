@@ -102,6 +102,38 @@ def test_module_heads_are_exact_against_module_penalty():
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
 
 
+def test_deeplab_heads_with_dead_taps_are_exact():
+    """DeepLab heads on a map smaller than their largest rate: DummyHeads cuts the convolutions to their live taps
+    (ops.live_taps); the penalty and its gradient are still the double backward's through the whole heads."""
+    from dgr_fast.train.models import DeepLabHead
+
+    tasks = {"seg": DummyTask("ce", 4, ignore_index=-1, transform=upsample,
+                              head=lambda: DeepLabHead(D, 4, width=5, rates=(2, 4, 6))),
+             "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(D, 1, width=3, rates=(1, 3, 6)))}
+    dummy = DummyHeads(None, tasks, seed=1, dtype=torch.float64)
+    targets, masks = dense_problem(seed=4)
+    targets, masks = {k: targets[k] for k in tasks}, {"depth": masks["depth"]}
+    z = torch.randn(2, D, 3, 4, dtype=torch.float64, requires_grad=True)
+    kernels = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.conv2d and args[5][0] > 1:  # nn.Conv2d passes (x, w, b, stride, padding, dilation, groups)
+                kernels.append((tuple(args[1].shape[-2:]), args[5][0]))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        value = dummy(z, targets, masks=masks)
+    (grad,) = torch.autograd.grad(value, z)
+    # on 3 x 4: rate 2 keeps the whole kernel, rates 4 and 6 only the centre, rate 3 the middle row
+    assert sorted(kernels) == [((1, 1), 4), ((1, 1), 6), ((1, 1), 6), ((1, 3), 3), ((3, 3), 2)]
+    zr = z.detach().requires_grad_(True)
+    want = reference_penalty(dummy, 0, [zr] * 2, targets, masks)
+    (want_grad,) = torch.autograd.grad(want, zr)
+    torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
 def test_per_task_features_mtan_style():
     """Each head reads its own task's features (a mapping by name), as the MTAN variant's dummy heads do."""
     dummy = DummyHeads(None, DENSE_TASKS, seed=4, dtype=torch.float64)
