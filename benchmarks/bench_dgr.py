@@ -15,7 +15,8 @@ is the time to allocate a features-sized tensor and write it once, the price of 
 ``--module-heads`` times the paper's non-linear dummy heads instead (``dgr_heads_<device>.csv``), penalty and its
 gradient w.r.t. the features through ``DummyHeads``: ``mlp``, Linear(2048,64)-ReLU-Linear(64,C)-ReLU heads on
 UTKFace's three tasks, the closed form (``ops/dgr_mlp_penalty.py``) against the generic double backward
-(``reference.module_penalty``) and the authors' finite-difference estimate; ``deeplab``, DeepLab heads on the DGR
+(``reference.module_penalty``), the authors' finite-difference estimate and the closed form's large matrix products
+alone (``gemms``: its floor on this BLAS); ``deeplab``, DeepLab heads on the DGR
 authors' NYUv2 features (batch 4 of 2048 x 36 x 48: 288 x 384 crops, ResNet-50 at output stride 8) and on a small
 64-channel stand-in (2 x 64 x 24 x 32), outputs upsampled 8x (normals L2-normalised): ``DummyHeads``' exact penalty
 (convolutions cut to their live taps, ``ops/live_taps.py``), the generic double backward and the estimate.
@@ -41,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import DummyHeads, DummyTask, dgr_penalty  # noqa: E402
+from dgr_fast.ops.dgr_mlp_penalty import _stack, _use_gram, mlp_head_of  # noqa: E402
 from dgr_fast.reference import module_penalty, task_loss  # noqa: E402
 from dgr_fast.train.models import DeepLabHead, UnitNormal, mlp_head  # noqa: E402
 from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, sync, write_csv  # noqa: E402
@@ -280,9 +282,11 @@ def _dummy(tasks: dict, provider: str, device: str, fd_step: float, in_features:
 def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_step: float = 1e-3):
     """Penalty + its gradient w.r.t. the features: ``closed``/``exact`` (DummyHeads' default estimator, which takes
     the closed form for MLP heads), ``generic`` (module_penalty's double backward on the same heads), ``fd`` (the
-    authors' estimate), ``linear`` (linear dummy heads on the same features). Returns the step and a function giving
-    ``(penalty, gradient)``."""
+    authors' estimate), ``linear`` (linear dummy heads on the same features), ``gemms`` (MLP heads: the closed form's
+    large products alone, ``closed_form_gemms``). Returns the step and a function giving ``(penalty, gradient)``."""
     dummy = _dummy(tasks, provider, device, fd_step, inputs["features"].shape[1])
+    if provider == "gemms":
+        return closed_form_gemms(dummy, inputs["features"])
     heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))] if provider == "generic" else []
     fns = [lambda s, y=inputs["targets"][name], m=inputs["masks"].get(name), t=t: task_loss(
         t.transform(s, y) if t.transform else s, y, t.loss, mask=m, ignore_index=t.ignore_index, reduction=t.reduction)
@@ -300,6 +304,23 @@ def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_s
     return penalty_and_grad
 
 
+def closed_form_gemms(dummy: DummyHeads, z: torch.Tensor):
+    """The matrix products with a factor ``D`` that the MLP closed form runs (ops/dgr_mlp_penalty.py), on the same
+    shapes and nothing else: the floor of any kernel of that closed form on this BLAS. Returns ``(nan, zeros)``."""
+    st = _stack([mlp_head_of(dummy.modules_[f"set0_task{k}"]) for k in range(len(dummy.tasks))], z.dtype)
+    e = torch.randn(z.shape[0], st.w1.shape[0], dtype=z.dtype, device=z.device)  # [N, sum H], as the hidden rows
+
+    def products():
+        a = torch.addmm(st.b1, z, st.w1.T)  # the forward
+        chain = e @ st.w1  # the chain back through W1
+        if _use_gram(z, st):
+            gram = z @ z.T
+            return a, chain, gram @ e, (e @ e.T) @ z  # G_W1 z through the Gram matrix, and 2 e Gt_W1
+        g_w1 = e.T @ z
+        return a, chain, z @ g_w1.T, e @ g_w1  # G_W1, u = 2 z Gt_W1^T, 2 e Gt_W1
+    return lambda: (products(), (torch.tensor(float("nan")), torch.zeros_like(z)))[1]
+
+
 def run_module_heads(args: argparse.Namespace) -> list[dict]:
     """A row per (shape, provider) of the module-head penalty: its time, with its ratio to the estimate and to the
     generic double backward measured in the same run, its value (the scale lambda multiplies), and for the
@@ -307,7 +328,8 @@ def run_module_heads(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
     rows = []
     for name, tasks, inputs in module_head_cases(args.device, args.quick, args.module_heads):
-        providers = ["closed" if name.startswith("mlp") else "exact", "generic", "fd", "linear"]
+        providers = ["closed", "gemms"] if name.startswith("mlp") else ["exact"]
+        providers += ["generic", "fd", "linear"]
         z = inputs["features"]
         if z.dim() == 4 and z.numel() * z.element_size() * 64 > 2**30:
             providers.remove("linear")  # linear heads read the features upsampled 8x: 3.6 GB at the authors' shape

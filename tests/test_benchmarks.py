@@ -158,9 +158,10 @@ def test_dgr_module_heads_rows(tmp_path, capsys):
     with open(tmp_path / "dgr_heads_cpu.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["shape"].split()[0], r["provider"]) for r in rows} == {
-        ("mlp", "closed"), ("mlp", "generic"), ("mlp", "fd"), ("mlp", "linear"), ("deeplab", "exact"),
-        ("deeplab", "generic"), ("deeplab", "fd"), ("deeplab", "linear")}
-    assert all(float(r["ms"]) > 0 and float(r["penalty"]) > 0 for r in rows)
+        ("mlp", "closed"), ("mlp", "gemms"), ("mlp", "generic"), ("mlp", "fd"), ("mlp", "linear"),
+        ("deeplab", "exact"), ("deeplab", "generic"), ("deeplab", "fd"), ("deeplab", "linear")}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    assert all(float(r["penalty"]) > 0 for r in rows if r["provider"] != "gemms")  # gemms: products, no penalty
     fd = [r for r in rows if r["provider"] == "fd"]
     assert all(float(r["fd_over_this"]) == 1.0 and float(r["grad_rel_err"]) >= 0 for r in fd)
     for heads, default in (("mlp", "closed"), ("deeplab", "exact")):  # the same penalty, another route

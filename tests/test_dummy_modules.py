@@ -109,7 +109,8 @@ def test_deeplab_heads_with_dead_taps_are_exact():
 
     tasks = {"seg": DummyTask("ce", 4, ignore_index=-1, transform=upsample,
                               head=lambda: DeepLabHead(D, 4, width=5, rates=(2, 4, 6))),
-             "depth": DummyTask("l1", 1, reduction="row_mean", head=lambda: DeepLabHead(D, 1, width=3, rates=(1, 3, 6)))}
+             "depth": DummyTask("l1", 1, reduction="row_mean",
+                                head=lambda: DeepLabHead(D, 1, width=3, rates=(1, 3, 6)))}
     dummy = DummyHeads(None, tasks, seed=1, dtype=torch.float64)
     targets, masks = dense_problem(seed=4)
     targets, masks = {k: targets[k] for k in tasks}, {"depth": masks["depth"]}

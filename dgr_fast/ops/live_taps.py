@@ -28,7 +28,8 @@ _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1
 
 def live_range(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int] | None:
     """``(first, last)``: the taps of one spatial dimension that read an input element for some output position,
-    or None if none does. Output ``r`` reads, through tap ``i``, the input at ``r * stride + i * dilation - padding``."""
+    or None if none does. Output ``r`` reads, through tap ``i``, the input at
+    ``r * stride + i * dilation - padding``."""
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     live = []
     for i in range(kernel):
