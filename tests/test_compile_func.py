@@ -199,6 +199,34 @@ def test_compiled_loss_with_the_backward_outside(backend):
         torch.testing.assert_close(p.grad, want_grads[name], **TOL[dtype], msg=name)
 
 
+def test_module_heads_with_cut_convolutions_compile_in_one_graph():
+    """A dilated convolution in a module dummy head, cut to its live taps (ops.live_taps) inside DummyHeads: the
+    penalty and its backward trace into one graph, and the compiled value and gradient are eager's."""
+    def head():
+        return nn.Sequential(nn.Conv2d(4, 3, 3, padding=3, dilation=3), nn.ReLU(), nn.Conv2d(3, 2, 1))
+
+    dummy = DummyHeads(None, [DummyTask("ce", 2, head=head)], seed=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)  # 3 rows: the taps 3 rows up and down are dead
+    y = torch.randint(0, 2, (2, 3, 5), generator=g)
+
+    def step(features, target):
+        value = dummy(features, [target])
+        value.backward()
+        return value.detach()
+
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True)):
+        leaf = z.clone().requires_grad_(True)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):  # the module heads' penalty takes autograd.grad
+            if run is not step:
+                assert_one_graph(step, z.clone().requires_grad_(True), y)
+            results.append((run(leaf, y), leaf.grad))
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    torch.testing.assert_close(got_grad, want_grad, **TOL[torch.float64])
+
+
 def test_resample_step_under_compile_breaks_the_graph_and_keeps_eagers_draws():
     """resample="step" draws from a torch.Generator, which dynamo does not trace (README): the compiled forward
     breaks the graph around the draw but draws as eager does, step after step."""
