@@ -305,20 +305,26 @@ def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_s
 
 
 def closed_form_gemms(dummy: DummyHeads, z: torch.Tensor):
-    """The matrix products with a factor ``D`` that the MLP closed form runs (ops/dgr_mlp_penalty.py), on the same
-    shapes and nothing else: the floor of any kernel of that closed form on this BLAS. Returns ``(nan, zeros)``."""
+    """The large matrix products of the MLP closed form (ops/dgr_mlp_penalty.py, the route its ``_use_gram``
+    picks), on the same shapes and nothing else: the floor of any kernel of that closed form on this BLAS.
+    Returns a step giving ``(nan, zeros)``: no penalty is computed."""
     st = _stack([mlp_head_of(dummy.modules_[f"set0_task{k}"]) for k in range(len(dummy.tasks))], z.dtype)
     e = torch.randn(z.shape[0], st.w1.shape[0], dtype=z.dtype, device=z.device)  # [N, sum H], as the hidden rows
 
     def products():
-        a = torch.addmm(st.b1, z, st.w1.T)  # the forward
-        chain = e @ st.w1  # the chain back through W1
+        torch.addmm(st.b1, z, st.w1.T)  # the forward
+        e @ st.w1  # the chain back through W1
         if _use_gram(z, st):
-            gram = z @ z.T
-            return a, chain, gram @ e, (e @ e.T) @ z  # G_W1 z through the Gram matrix, and 2 e Gt_W1
-        g_w1 = e.T @ z
-        return a, chain, z @ g_w1.T, e @ g_w1  # G_W1, u = 2 z Gt_W1^T, 2 e Gt_W1
-    return lambda: (products(), (torch.tensor(float("nan")), torch.zeros_like(z)))[1]
+            (z @ z.T) @ e  # G_W1 z through the Gram matrix
+            (e @ e.T) @ z  # 2 e Gt_W1
+        else:
+            g_w1 = e.T @ z
+            z @ g_w1.T, e @ g_w1  # u = 2 z Gt_W1^T, 2 e Gt_W1
+
+    def step():
+        products()
+        return torch.tensor(float("nan")), torch.zeros_like(z)
+    return step
 
 
 def run_module_heads(args: argparse.Namespace) -> list[dict]:

@@ -454,7 +454,8 @@ class DummyHeads(nn.Module):
                     out[s][k] = value
         generic = [k for k in range(K) if out[0][k] is None]
         if generic:
-            # the estimate below reproduces the authors' convolutions; the exact penalty may drop their dead taps
+            # exact: the heads' convolutions may drop their dead taps (the estimate, _finite_difference, keeps
+            # whole kernels to reproduce the authors' convolutions)
             with self._head_mode(), skip_dead_taps():
                 for s in range(self.num_sets):
                     values = self._module_penalties(s, generic, feats, targets, masks, sync)

@@ -135,6 +135,29 @@ def test_deeplab_heads_with_dead_taps_are_exact():
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
 
 
+def test_a_checkpointed_head_with_dead_taps_is_exact():
+    """Activation checkpointing inside a dummy head replays its forward in the backward, where no convolution is
+    cut: DummyHeads leaves a checkpointed forward whole, so the replay saves what the forward saved."""
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(D, 3, 3, padding=3, dilation=3), nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.out(torch.utils.checkpoint.checkpoint(lambda t: self.conv(t).relu(), x, use_reentrant=False))
+
+    dummy = DummyHeads(None, {"seg": DummyTask("ce", 2, head=Checkpointed)}, seed=0, dtype=torch.float64)
+    z = torch.randn(2, D, 3, 4, dtype=torch.float64, requires_grad=True)  # 3 x 4: the rate-3 taps are dead
+    y = {"seg": torch.randint(0, 2, (2, 3, 4), generator=torch.Generator().manual_seed(0))}
+    value = dummy(z, y)
+    (grad,) = torch.autograd.grad(value, z)
+    zr = z.detach().requires_grad_(True)
+    want = reference_penalty(dummy, 0, [zr], y, {})
+    (want_grad,) = torch.autograd.grad(want, zr)
+    torch.testing.assert_close(value, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
 def test_per_task_features_mtan_style():
     """Each head reads its own task's features (a mapping by name), as the MTAN variant's dummy heads do."""
     dummy = DummyHeads(None, DENSE_TASKS, seed=4, dtype=torch.float64)

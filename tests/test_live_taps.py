@@ -124,3 +124,35 @@ def test_the_mode_traces_into_one_compiled_graph():
     assert explained.graph_break_count == 0
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), F.conv2d(x, w, None, 1, (8, 3), (8, 3)),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_argument_forms_and_bad_arguments_behave_as_the_convolution():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    for kwargs in (dict(padding=(6,), dilation=6), dict(padding=[6, 6], dilation=(6,)), dict(padding=6, dilation=[6]),
+                   dict(stride=(2,), padding=6, dilation=6)):
+        torch.testing.assert_close(cut_convolution(F.conv2d, x, w, **kwargs), F.conv2d(x, w, **kwargs),
+                                   rtol=1e-12, atol=1e-12, msg=str(kwargs))
+    for kwargs in (dict(stride=0, padding=6, dilation=6), dict(padding=6, dilation=0), dict(padding=(6, 6, 6))):
+        with pytest.raises(RuntimeError) as want:
+            F.conv2d(x, w, **kwargs)
+        with pytest.raises(RuntimeError) as got:
+            cut_convolution(F.conv2d, x, w, **kwargs)
+        assert str(got.value) == str(want.value)
+
+
+def test_nothing_is_cut_under_saved_tensor_hooks():
+    """Activation checkpointing replays the forward in the backward, outside the mode: the replay must save the
+    tensors the forward saved, so a checkpointed (or otherwise hooked) forward keeps whole kernels."""
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return F.conv2d(x, w, padding=6, dilation=6).relu()
+
+    with skip_dead_taps():
+        y = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=False)
+        grads = torch.autograd.grad(y.sum(), (x, w))
+    want = torch.autograd.grad(f(x).sum(), (x, w))
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
