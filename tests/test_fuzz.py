@@ -4,7 +4,8 @@
 - differential: every available backend of ``dgr_penalty`` and ``DummyHeads`` against ``reference`` on random valid
   problems (dtypes, odd sizes, strides, masks, ignore_index, every loss and reduction, several dummy sets): the value
   and the gradient w.r.t. the features, and a second derivative either right or refused; ``torch.func`` grad and
-  vmap against plain autograd on the two backends that take transforms;
+  vmap against plain autograd on the two backends that take transforms; module dummy heads with dilated
+  convolutions on small maps (cut to their live taps) against the same heads with whole kernels;
 - state atomicity: ``load_state_dict`` of ``AdaTask`` and ``DummyHeads`` with a corrupted state dict, failing
   ``AdaTask.step`` calls and failing ``DummyHeads`` forwards succeed or raise a clear error, and a failure leaves the
   object bit for bit as it was;
@@ -22,6 +23,7 @@ import copy
 import io
 import math
 import time
+import unittest.mock
 
 import pytest
 import torch
@@ -36,6 +38,7 @@ from dgr_fast import AdaTask, DummyHeads, DummyTask, dgr_penalty
 from dgr_fast.backends import backend_status
 from dgr_fast.cli import main
 from dgr_fast.ops.dgr_penalty import DTYPES
+from dgr_fast.ops.live_taps import live_range
 
 
 def share(fraction: float) -> int:
@@ -234,6 +237,58 @@ def test_dummy_heads_match_reference(backend, problem):
     (got_grad,) = torch.autograd.grad(got, z)
     close(got.detach().cpu(), value.detach(), dtype)
     close(got_grad.cpu(), grad, dtype)
+
+
+@st.composite
+def dilated_head_problems(draw):
+    """``(tasks, features, targets)``: one module head, a dilated 1d/2d convolution, an activation and a 1x1
+    convolution, on a small map (taps in the padding that the exact path cuts), its output resized to the target's."""
+    dims = draw(st.sampled_from([1, 2]))
+    kernel = draw(st.lists(st.integers(1, 5), min_size=dims, max_size=dims))
+    dilation = draw(st.lists(st.integers(2, 7), min_size=dims, max_size=dims))
+    padding = [draw(st.integers(0, d * (k // 2) + 2)) for k, d in zip(kernel, dilation)]
+    stride = draw(st.lists(st.sampled_from([1, 1, 2]), min_size=dims, max_size=dims))
+    size = draw(st.lists(st.integers(1, 6), min_size=dims, max_size=dims))
+    assume(all(n + 2 * p >= d * (k - 1) + 1 for n, k, d, p in zip(size, kernel, dilation, padding)))
+    event("dead taps" if any(live_range(*a) != (0, a[1] - 1) for a in zip(size, kernel, stride, padding, dilation))
+          else "every tap live")
+    width, hidden, classes = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    loss = draw(st.sampled_from(["ce", "mse", "l1"]))
+    conv = torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d
+    activation = draw(st.sampled_from([torch.nn.ReLU, torch.nn.Tanh]))
+
+    def head():
+        return torch.nn.Sequential(conv(width, hidden, kernel, stride, padding, dilation), activation(),
+                                   conv(hidden, classes, 1))
+
+    def resize(s, target):
+        return torch.nn.functional.interpolate(s, size=target.shape[-dims:], mode="nearest")
+
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    batch = draw(st.integers(1, 2))
+    z = torch.randn(batch, width, *size, generator=g, dtype=torch.float64)
+    y = (torch.randint(0, classes, (batch, *size), generator=g) if loss == "ce"
+         else torch.randn(batch, classes, *size, generator=g, dtype=torch.float64))
+    return {"t": DummyTask(loss, classes, head=head, transform=resize)}, z, {"t": y}
+
+
+@settings(max_examples=share(0.5))
+@given(problem=dilated_head_problems(), seed=st.integers(0, 2**31 - 1))
+def test_module_heads_with_cut_convolutions_match_whole_kernels(problem, seed):
+    """The exact penalty of module heads cuts their convolutions to the live taps (ops.live_taps): the same value
+    and gradient as the same heads with whole kernels, in fp64."""
+    tasks, z, targets = problem
+    results = []
+    for cut in (True, False):
+        heads = DummyHeads(None, tasks, seed=seed, dtype=torch.float64)
+        with contextlib.nullcontext() if cut else unittest.mock.patch("dgr_fast.dummy_heads.skip_dead_taps",
+                                                                         contextlib.nullcontext):
+            leaf = z.clone().requires_grad_(True)
+            value = heads(leaf, targets)
+            results.append((value.detach(), torch.autograd.grad(value, leaf)[0]))
+    (got, got_grad), (want, want_grad) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
 
 
 # ---------------------------------------------------------------- state atomicity: AdaTask
