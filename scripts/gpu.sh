@@ -3,15 +3,17 @@
 #   bash scripts/gpu.sh [RESULTS_DIR [ARCHIVE]]     RESULTS_DIR: default benchmarks/out/gpu
 # builds the package with its CUDA extension, runs the test files that have GPU tests (they skip without a GPU and
 # run for real here), and runs the three benchmarks on the GPU, the DGR one first and in full, the others with
-# --quick (QUICK lists the benchmarks that run so; default "adatask step"). Each phase writes a log to RESULTS_DIR and
-# prints its tail; the benchmarks write their CSV files and plots to RESULTS_DIR; ARCHIVE (a .tar.gz path), when
-# given, receives the whole folder as one file.
+# --quick (QUICK lists the benchmarks that run so; default "adatask step"), then the paper's non-linear dummy heads
+# (bench_dgr --module-heads mlp,deeplab: DeepLab heads at the DGR authors' NYUv2 shape). Each phase writes a log to
+# RESULTS_DIR and prints its tail; the benchmarks write their CSV files and plots to RESULTS_DIR; ARCHIVE (a .tar.gz
+# path), when given, receives the whole folder as one file.
 #
 # It uses the Python that already has torch with CUDA (PYTHON, default python3) and installs nothing but the package
 # itself (no network needed). Each phase has a time limit in seconds (PHASE_LIMITS, in the order of the phases env,
-# build, tests, dgr, adatask, step; default "30 180 180 100 50 50", 9 minutes 50 s in all), so that a hang or a slow
-# benchmark still leaves the others' results (a benchmark stopped at its limit loses its own table: it prints it at
-# the end); the exit status is the first failing phase's. PHASES chooses phases (default: all six, in order).
+# build, tests, dgr, adatask, step, heads; default "30 160 150 100 50 50 50", 9 minutes 50 s in all), so that a hang
+# or a slow benchmark still leaves the others' results (a benchmark stopped at its limit loses its own table: it
+# prints it at the end); the exit status is the first failing phase's. PHASES chooses phases (default: all seven,
+# in order).
 # DGR_FAST_CHECK_DEVICE=cpu runs the same steps on a machine without a GPU (the GPU tests skip, every benchmark runs
 # --quick on the CPU): a check of this script itself.
 set -uo pipefail
@@ -20,8 +22,9 @@ RESULTS=${1:-benchmarks/out/gpu}
 ARCHIVE=${2:-}
 PY=${PYTHON:-python3}
 DEVICE=${DGR_FAST_CHECK_DEVICE:-cuda}
-read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_DGR LIMIT_ADATASK LIMIT_STEP <<<"${PHASE_LIMITS:-30 180 180 100 50 50}"
-PHASES=${PHASES:-env build tests dgr adatask step}
+read -r LIMIT_ENV LIMIT_BUILD LIMIT_TESTS LIMIT_DGR LIMIT_ADATASK LIMIT_STEP LIMIT_HEADS \
+  <<<"${PHASE_LIMITS:-30 160 150 100 50 50 50}"
+PHASES=${PHASES:-env build tests dgr adatask step heads}
 QUICK=${QUICK:-adatask step}
 [ "$DEVICE" = cuda ] || QUICK="dgr adatask step"
 mkdir -p "$RESULTS"
@@ -80,8 +83,15 @@ bench() {  # bench NAME: benchmarks/bench_NAME.py on DEVICE, --quick where QUICK
   "$PY" "benchmarks/bench_$1.py" --device "$DEVICE" --out "$RESULTS" "${quick[@]}"
 }
 
+bench_heads() {  # the paper's dummy heads: MLP heads, DeepLab heads at the authors' shape and a small stand-in
+  local quick=()
+  [ "$DEVICE" = cuda ] || quick=(--quick)
+  "$PY" benchmarks/bench_dgr.py --device "$DEVICE" --out "$RESULTS" --module-heads mlp,deeplab --min-time 1 \
+    "${quick[@]}"
+}
+
 export RESULTS PY DEVICE QUICK
-export -f env_report build tests bench
+export -f env_report build tests bench bench_heads
 for name in $PHASES; do
   case $name in
     env) phase env "$LIMIT_ENV" env_report ;;
@@ -90,7 +100,8 @@ for name in $PHASES; do
     dgr) phase bench-dgr "$LIMIT_DGR" bench dgr ;;
     adatask) phase bench-adatask "$LIMIT_ADATASK" bench adatask ;;
     step) phase bench-step "$LIMIT_STEP" bench step ;;
-    *) echo "unknown phase '$name' (PHASES takes env build tests dgr adatask step)" >&2; exit 2 ;;
+    heads) phase bench-heads "${LIMIT_HEADS:-50}" bench_heads ;;
+    *) echo "unknown phase '$name' (PHASES takes env build tests dgr adatask step heads)" >&2; exit 2 ;;
   esac
 done
 if [ -n "$ARCHIVE" ]; then
