@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dgr_fast  # noqa: E402
 from dgr_fast import DummyHeads, DummyTask, dgr_penalty  # noqa: E402
 from dgr_fast.ops.dgr_mlp_penalty import _stack, _use_gram, mlp_head_of  # noqa: E402
-from dgr_fast.reference import module_penalty, task_loss  # noqa: E402
+from dgr_fast.reference import module_penalty  # noqa: E402
 from dgr_fast.train.models import DeepLabHead, UnitNormal, mlp_head  # noqa: E402
 from dgr_fast.benchmarks import LIBC, bar_plot, bench_parser, malloc_mode, sync, write_csv  # noqa: E402
 
@@ -288,9 +288,7 @@ def module_head_step(tasks: dict, inputs: dict, provider: str, device: str, fd_s
     if provider == "gemms":
         return closed_form_gemms(dummy, inputs["features"])
     heads = [dummy.modules_[f"set0_task{k}"] for k in range(len(tasks))] if provider == "generic" else []
-    fns = [lambda s, y=inputs["targets"][name], m=inputs["masks"].get(name), t=t: task_loss(
-        t.transform(s, y) if t.transform else s, y, t.loss, mask=m, ignore_index=t.ignore_index, reduction=t.reduction)
-        for name, t in tasks.items()]
+    fns = [dummy._loss_fn(k, inputs["targets"][name], inputs["masks"].get(name)) for k, name in enumerate(tasks)]
 
     def penalty_and_grad():
         z = inputs["features"].detach().requires_grad_(True)

@@ -215,14 +215,14 @@ def test_module_heads_with_cut_convolutions_compile_in_one_graph():
         value.backward()
         return value.detach()
 
-    results = []
-    for run in (step, torch.compile(step, fullgraph=True)):
+    def value_and_features_grad(run):
         leaf = z.clone().requires_grad_(True)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):  # the module heads' penalty takes autograd.grad
-            if run is not step:
-                assert_one_graph(step, z.clone().requires_grad_(True), y)
-            results.append((run(leaf, y), leaf.grad))
-    (want, want_grad), (got, got_grad) = results
+        return run(leaf, y), leaf.grad
+
+    want, want_grad = value_and_features_grad(step)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # the module heads' penalty takes autograd.grad
+        assert_one_graph(step, z.clone().requires_grad_(True), y)
+        got, got_grad = value_and_features_grad(torch.compile(step, fullgraph=True))
     torch.testing.assert_close(got, want, **TOL[torch.float64])
     torch.testing.assert_close(got_grad, want_grad, **TOL[torch.float64])
 

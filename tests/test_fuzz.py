@@ -278,15 +278,15 @@ def test_module_heads_with_cut_convolutions_match_whole_kernels(problem, seed):
     """The exact penalty of module heads cuts their convolutions to the live taps (ops.live_taps): the same value
     and gradient as the same heads with whole kernels, in fp64."""
     tasks, z, targets = problem
-    results = []
-    for cut in (True, False):
+    def penalty_and_grad():
         heads = DummyHeads(None, tasks, seed=seed, dtype=torch.float64)
-        with contextlib.nullcontext() if cut else unittest.mock.patch("dgr_fast.dummy_heads.skip_dead_taps",
-                                                                         contextlib.nullcontext):
-            leaf = z.clone().requires_grad_(True)
-            value = heads(leaf, targets)
-            results.append((value.detach(), torch.autograd.grad(value, leaf)[0]))
-    (got, got_grad), (want, want_grad) = results
+        leaf = z.clone().requires_grad_(True)
+        value = heads(leaf, targets)
+        return value.detach(), torch.autograd.grad(value, leaf)[0]
+
+    got, got_grad = penalty_and_grad()
+    with unittest.mock.patch("dgr_fast.dummy_heads.skip_dead_taps", contextlib.nullcontext):  # whole kernels
+        want, want_grad = penalty_and_grad()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
 
